@@ -1,0 +1,91 @@
+"""Small Lightning callbacks that make runs reproducible and resumable."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A well-mixed 32-bit seed for ``(seed, epoch)``."""
+    digest = hashlib.sha256(f"{seed}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class EpochReseed(L.Callback):
+    """Reseed every RNG from ``(seed, epoch)`` at each epoch start.
+
+    Lightning checkpoints hold no RNG state, so without this a resumed run would draw
+    different dropout masks and augmentations than an uninterrupted one.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        value = epoch_seed(self.seed, trainer.current_epoch)
+        random.seed(value)
+        np.random.seed(value)
+        torch.manual_seed(value)
+
+
+class SamplerEpoch(L.Callback):
+    """Hands the epoch to the training sampler and logs what it actually drew.
+
+    Lightning 2.6 forwards ``set_epoch`` through ``DistributedSamplerWrapper``; 2.4 and 2.5 do
+    not (Lightning issue 21454), so the epoch is set here on every version.
+    """
+
+    def __init__(self, sampler: Any, class_names: tuple[str, ...]) -> None:
+        self.sampler = sampler
+        self.class_names = class_names
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loader = trainer.fit_loop._combined_loader  # set up by now in Lightning >= 2.0
+        used = getattr(getattr(loader, "flattened", [None])[0], "sampler", None) if loader else None
+        inner = getattr(getattr(used, "dataset", None), "_sampler", used)  # unwrap DDP wrapper
+        if used is not None and inner is not self.sampler:
+            rank_zero_warn(
+                f"the training loader uses {type(inner).__name__}, not the configured "
+                f"{type(self.sampler).__name__}; check use_distributed_sampler / the datamodule"
+            )
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        histogram = getattr(self.sampler, "drawn_class_histogram", None)
+        if histogram is None:
+            return
+        counts = histogram()
+        if counts is None:
+            return
+        rank = trainer.global_rank
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {f"sampler/rank{rank}/{name}": float(c) for name, c in zip(
+                    self.class_names, counts, strict=False)},
+                step=trainer.current_epoch,
+            )
+
+
+class CheckpointConfig(L.Callback):
+    """Stores the resolved run config in every checkpoint, as plain data.
+
+    With the dataset info and preprocessing the model adds itself, a checkpoint is enough to
+    rebuild the model and its data split (``tailtune-eval``, ``tailtune.load``).
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint.setdefault("tailtune", {})["config"] = self.config

@@ -1,0 +1,1 @@
+"""Console entry points. Hydra lives here and in configs/, nowhere below."""

@@ -1,0 +1,122 @@
+"""Hydra plumbing shared by the entry points: resolvers, early checks, readable errors.
+
+Nothing here imports torch, so a bad config fails in about a second.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import secrets
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+
+
+def _config_path() -> str:
+    """Packaged configs after ``pip install .``; the repo's own ``configs/`` in a checkout
+    (an editable install leaves the package dir without them)."""
+    package_dir = Path(__file__).resolve().parents[1]
+    if (package_dir / "configs" / "train.yaml").is_file():
+        return "pkg://tailtune.configs"
+    return str(package_dir.parents[1] / "configs")
+
+
+CONFIG_PATH = _config_path()
+T = TypeVar("T")
+
+
+def _gpu_precision() -> str:
+    import torch
+
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def register_resolvers() -> None:
+    # use_cache: Hydra copies the resolver cache into every job of a sweep, so all jobs
+    # share one sweep dir, and a run's dir is drawn exactly once.
+    resolvers: dict[str, Callable[..., Any]] = {
+        "tailtune_uid": lambda: secrets.token_hex(3),
+        "tailtune_hash": lambda text: hashlib.sha1(str(text).encode()).hexdigest()[:8],
+        "tailtune_gpu_precision": _gpu_precision,
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn, use_cache=True)
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; raised before anything heavy is imported."""
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Range and file checks that need no torch. Names are checked by Hydra itself."""
+    problems: list[str] = []
+    epochs = cfg.trainer.get("max_epochs")
+    model = cfg.get("model") or {}
+    data = cfg.get("data") or {}
+    if epochs is not None and epochs < 1:
+        problems.append(f"trainer.max_epochs must be >= 1, got {epochs}")
+    unfreeze = model.get("unfreeze_at")
+    if unfreeze is not None and epochs is not None and unfreeze > epochs:
+        problems.append(
+            f"model.unfreeze_at={unfreeze} is after the last epoch (trainer.max_epochs={epochs}); "
+            "the backbone would never train"
+        )
+    ratio = model.get("backbone_lr_ratio")
+    if ratio is not None and ratio < 0:
+        problems.append(f"model.backbone_lr_ratio must be >= 0, got {ratio}")
+    if model.get("lr") is not None and model.get("lr") <= 0:
+        problems.append(f"model.lr must be > 0, got {model.get('lr')}")
+    for key in ("batch_size", "eval_batch_size"):
+        value = data.get(key)
+        if value is not None and value < 1:
+            problems.append(f"data.{key} must be >= 1, got {value}")
+    if data.get("imbalance_ratio") is not None and data.imbalance_ratio < 1:
+        problems.append(f"data.imbalance_ratio must be >= 1, got {data.imbalance_ratio}")
+    backbone = cfg.get("backbone") or {}
+    if backbone.get("weights") == "file":
+        path = backbone.get("weights_path")
+        if not path:
+            problems.append("backbone.weights=file needs backbone.weights_path=/path/to/weights")
+        elif not Path(path).expanduser().is_file():
+            problems.append(f"backbone.weights_path does not exist: {path}")
+    ckpt = cfg.get("ckpt_path")
+    if ckpt not in (None, "auto") and not Path(ckpt).expanduser().is_file():
+        problems.append(f"ckpt_path does not exist: {ckpt}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _one_line(err: BaseException) -> str:
+    """The root cause's message: Hydra's InstantiationException wraps the real error."""
+    while err.__cause__ is not None and type(err).__name__ == "InstantiationException":
+        err = err.__cause__
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0] if type(err).__name__ == "InstantiationException" else text
+
+
+def readable_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """Turn bad input into one readable line and exit code 2, unless TAILTUNE_DEBUG=1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, OSError, FloatingPointError, LookupError, RuntimeError) as err:
+            if os.environ.get("TAILTUNE_DEBUG") == "1":
+                raise
+            from hydra.errors import InstantiationException
+
+            if isinstance(err, RuntimeError) and not isinstance(err, InstantiationException):
+                raise  # a real bug: keep the traceback
+            print(f"tailtune: error: {_one_line(err)}", file=sys.stderr)
+            print("(set TAILTUNE_DEBUG=1 to see the traceback)", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

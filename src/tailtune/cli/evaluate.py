@@ -1,0 +1,54 @@
+"""tailtune-eval ckpt_path=PATH: rebuild a checkpoint's data split and model, then test it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from tailtune.cli.config import CONFIG_PATH, readable_errors, register_resolvers
+
+register_resolvers()
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Test a checkpoint on the split it was trained with; writes its own metrics.json."""
+    from tailtune import pipeline
+    from tailtune.run_record import RunRecord
+
+    checkpoint = pipeline.read_checkpoint(cfg.ckpt_path)
+    run_cfg = OmegaConf.create(checkpoint["tailtune"]["config"])
+    run_cfg.paths = cfg.paths  # this eval's own dirs, not the training run's
+    run_dir = Path(cfg.paths.output_dir)
+    record = RunRecord(run_dir)
+    record.start({"ckpt_path": str(cfg.ckpt_path)})
+    try:
+        datamodule = pipeline.build_datamodule(run_cfg)
+        pipeline.check_same_split(checkpoint, datamodule.info)
+        model = pipeline.model_from_checkpoint(checkpoint)
+        trainer = pipeline.build_trainer(cfg, run_dir)
+        if cfg.split == "val":
+            trainer.validate(model, datamodule=datamodule, verbose=False)
+            results = {"val": dict(model.val_results)}
+        else:
+            trainer.test(model, datamodule=datamodule, verbose=False)
+            results = {"test": dict(model.test_results)}
+            pipeline.write_test_artifacts(model, run_dir)
+    except BaseException as err:
+        record.set_status("failed", f"{type(err).__name__}: {str(err).strip()[-300:]}")
+        raise
+    results.update({"ckpt_path": str(cfg.ckpt_path), "dataset": datamodule.info.to_dict()})
+    record.finish(results)
+    print(f"run dir: {run_dir}")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+@readable_errors
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

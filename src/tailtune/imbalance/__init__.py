@@ -1,0 +1,1 @@
+"""Class-imbalance corrections: re-weighted / margin / prior-adjusted losses and epoch samplers."""

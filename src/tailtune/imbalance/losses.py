@@ -1,0 +1,437 @@
+"""Losses for class-imbalanced classification.
+
+Every loss subclasses :class:`ImbalanceLoss` and is built as ``Loss(class_counts=..., **hparams)``
+with ``forward(logits[N, K], target[N]) -> scalar`` (mean reduction).
+
+``class_counts``
+    Per-class training counts (length K). Zeros are allowed: counts are clamped to >= 1 wherever a
+    log, power or reciprocal is taken, so an empty class never yields inf/NaN. Fractional values
+    (expected counts) are fine, but probabilities are rejected: clamping would silently flatten
+    them. Pass ``len(sampler) * sampler.expected_class_distribution()`` instead.
+
+``uses_prior``
+    True for losses whose correction is derived from the class prior (weighted CE, class-balanced,
+    balanced softmax, logit-adjusted, LDAM-DRW). A re-balancing sampler already changes the class
+    distribution the loss sees, so for these losses the pipeline passes the sampler's *effective*
+    post-sampling counts rather than the raw dataset counts; otherwise the imbalance would be
+    corrected twice. Losses with ``uses_prior = False`` get the raw counts (and ignore them).
+
+``head`` / ``head_scale``
+    ``"linear"`` for all losses except LDAM, which needs a cosine-normalised head emitting
+    ``head_scale * cos`` logits (its margins are on the cosine scale; on raw logits it diverges).
+
+``set_epoch(epoch)``
+    Called by the pipeline at every epoch start. Schedule state (LDAM's deferred re-weighting) is a
+    pure function of the epoch, so a resumed run behaves exactly like an uninterrupted one.
+
+Class weights and label smoothing
+    PyTorch's ``F.cross_entropy(weight=w, label_smoothing=eps)`` weights the smoothing term of
+    sample i by the weights of *all* classes (pytorch issue 104776), so a rare class's weight leaks
+    into every sample. Here a weight is a per-*sample* factor ``w[y_i]`` applied to the whole
+    smoothed loss ``(1 - eps) * nll_i + eps * mean_j(-log p_ij)``, and the mean is normalised by
+    ``sum_i w[y_i]`` as in PyTorch. Without smoothing this is identical to ``F.cross_entropy``.
+
+Per-class buffers are non-persistent: they are recomputed from data + config, and keeping them out
+of ``state_dict`` lets a checkpoint load into a module configured with a different loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Real
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "BalancedSoftmaxLoss",
+    "ClassBalancedLoss",
+    "CrossEntropyLoss",
+    "FocalLoss",
+    "ImbalanceLoss",
+    "LDAMLoss",
+    "LogitAdjustedLoss",
+    "WeightedCrossEntropyLoss",
+    "effective_number_weights",
+    "inverse_frequency_weights",
+    "ldam_margins",
+    "posthoc_logit_adjust",
+]
+
+WEIGHTINGS = ("inverse", "sqrt_inverse", "effective_number")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _as_counts(class_counts: Sequence[float] | np.ndarray | Tensor) -> np.ndarray:
+    """Validate ``class_counts`` and return them as a float64 array (unclamped)."""
+    if isinstance(class_counts, Tensor):
+        class_counts = class_counts.detach().cpu().numpy()
+    elif not isinstance(class_counts, np.ndarray):
+        class_counts = list(class_counts)  # also unwraps OmegaConf ListConfig
+    counts = np.asarray(class_counts, dtype=np.float64)
+    if counts.ndim != 1 or counts.size == 0:
+        raise ValueError(f"class_counts must be a non-empty 1-D sequence, got shape {counts.shape}")
+    if not np.all(np.isfinite(counts)) or np.any(counts < 0):
+        raise ValueError(f"class_counts must be finite and non-negative, got {counts.tolist()}")
+    total = counts.sum()
+    if 0 < total <= 1 + 1e-6 and not np.allclose(counts, np.round(counts)):
+        raise ValueError(
+            "class_counts look like probabilities (they sum to 1); pass counts instead, e.g. "
+            "len(sampler) * sampler.expected_class_distribution()"
+        )
+    return counts
+
+
+def _clamped(class_counts: Sequence[float] | np.ndarray | Tensor) -> np.ndarray:
+    # An empty class is treated as having one sample: finite logs/powers, largest weight.
+    return np.maximum(_as_counts(class_counts), 1.0)
+
+
+def _normalise_to_k(w: np.ndarray) -> Tensor:
+    return torch.as_tensor(w * (w.size / w.sum()), dtype=torch.float32)
+
+
+def inverse_frequency_weights(
+    class_counts: Sequence[float] | np.ndarray | Tensor, power: float = 1.0
+) -> Tensor:
+    """``w_j ∝ n_j^-power`` normalised to sum to K (power 1: inverse, 0.5: sqrt-inverse)."""
+    return _normalise_to_k(_clamped(class_counts) ** -power)
+
+
+def effective_number_weights(
+    class_counts: Sequence[float] | np.ndarray | Tensor, beta: float = 0.9999
+) -> Tensor:
+    """Cui et al. 2019: ``w_j = (1 - beta) / (1 - beta^n_j)`` normalised to sum to K."""
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must be in [0, 1), got {beta}")
+    n = _clamped(class_counts)
+    # 1 - beta^n via expm1 keeps precision for beta close to 1 (beta^n ~ 1 - n(1-beta)).
+    one_minus_beta_n = -np.expm1(n * math.log(beta)) if beta > 0 else np.ones_like(n)
+    return _normalise_to_k((1.0 - beta) / one_minus_beta_n)
+
+
+def ldam_margins(class_counts: Sequence[float] | np.ndarray | Tensor, max_m: float = 0.5) -> Tensor:
+    """Cao et al. 2019: ``Delta_j = C / n_j^(1/4)`` with C chosen so that ``max Delta = max_m``."""
+    if max_m < 0:
+        raise ValueError(f"max_m must be >= 0, got {max_m}")
+    m = _clamped(class_counts) ** -0.25
+    return torch.as_tensor(m * (max_m / m.max()), dtype=torch.float32)
+
+
+def _log_prior(class_counts: Sequence[float] | np.ndarray | Tensor) -> Tensor:
+    n = _clamped(class_counts)
+    return torch.as_tensor(np.log(n / n.sum()), dtype=torch.float32)
+
+
+def posthoc_logit_adjust(
+    logits: Tensor, class_counts: Sequence[float] | np.ndarray | Tensor, tau: float = 1.0
+) -> Tensor:
+    """Menon et al. 2021 post-hoc correction: ``logits - tau * log prior`` (counts clamped >= 1)."""
+    log_prior = _log_prior(class_counts).to(device=logits.device, dtype=logits.dtype)
+    if logits.shape[-1] != log_prior.numel():
+        raise ValueError(f"logits have {logits.shape[-1]} classes, counts {log_prior.numel()}")
+    return logits - tau * log_prior
+
+
+def _smoothed_nll(logp: Tensor, target: Tensor, label_smoothing: float) -> Tensor:
+    """Per-sample ``(1 - eps) * nll + eps * mean_j(-log p_j)``, as in ``F.cross_entropy``."""
+    nll = -logp.gather(1, target[:, None]).squeeze(1)
+    if label_smoothing == 0.0:
+        return nll
+    return (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(dim=1)
+
+
+def _weighted_mean(per_sample: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+    if weight is None:
+        return per_sample.mean()
+    w = weight.to(per_sample.dtype)[target]
+    return (w * per_sample).sum() / w.sum()
+
+
+def _cross_entropy(
+    logits: Tensor, target: Tensor, weight: Tensor | None, label_smoothing: float
+) -> Tensor:
+    """CE with per-sample class weights (see module docstring for the smoothing semantics)."""
+    if weight is None or label_smoothing == 0.0:
+        w = None if weight is None else weight.to(logits.dtype)
+        return F.cross_entropy(logits, target, weight=w, label_smoothing=label_smoothing)
+    per_sample = _smoothed_nll(F.log_softmax(logits, dim=1), target, label_smoothing)
+    return _weighted_mean(per_sample, target, weight)
+
+
+def _focal(
+    logits: Tensor, target: Tensor, gamma: float, weight: Tensor | None, label_smoothing: float
+) -> Tensor:
+    """Softmax focal loss ``w_y (1 - p_y)^gamma * CE_smoothed``, weighted mean as in CE."""
+    # Work in >= float32: (1 - p) underflows quickly in half precision.
+    logp = F.log_softmax(logits, dim=1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    logp_y = logp.gather(1, target[:, None]).squeeze(1)
+    # 1 - p from log p without cancellation; clamped away from 0 so that d/dp (1-p)^gamma stays
+    # finite for gamma < 1 when p -> 1 (the unclamped gradient would be inf * 0 = NaN).
+    one_minus_p = (-torch.expm1(logp_y)).clamp(min=torch.finfo(logp.dtype).eps)
+    modulator = one_minus_p.pow(gamma)  # exactly 1 for gamma = 0, so focal(0) == CE
+    per_sample = modulator * _smoothed_nll(logp, target, label_smoothing)
+    return _weighted_mean(per_sample, target, weight)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+class ImbalanceLoss(nn.Module):
+    """Base class: stores the counts and the options shared by all losses."""
+
+    uses_prior: ClassVar[bool] = False
+    head: ClassVar[str] = "linear"
+
+    def __init__(
+        self,
+        class_counts: Sequence[float] | np.ndarray | Tensor,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        counts = _as_counts(class_counts)
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        self.num_classes = int(counts.size)
+        self.label_smoothing = float(label_smoothing)
+        self.head_scale: float = 1.0
+        self.epoch = 0
+        self.register_buffer(
+            "class_counts", torch.as_tensor(counts, dtype=torch.float32), persistent=False
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Record the current epoch; losses with a schedule derive their state from it."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+
+    def _check(self, logits: Tensor, target: Tensor) -> None:
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"expected logits of shape [N, {self.num_classes}], got {tuple(logits.shape)}"
+            )
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, label_smoothing={self.label_smoothing}"
+
+
+class CrossEntropyLoss(ImbalanceLoss):
+    """Plain (optionally label-smoothed) cross-entropy; the baseline."""
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        self._check(logits, target)
+        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+
+
+class WeightedCrossEntropyLoss(ImbalanceLoss):
+    """Cross-entropy with fixed per-class weights (normalised to sum to K).
+
+    ``weighting``: ``"inverse"`` (1/n), ``"sqrt_inverse"`` (1/sqrt n) or ``"effective_number"``
+    (Cui et al., uses ``beta``).
+    """
+
+    uses_prior = True
+
+    def __init__(
+        self,
+        class_counts: Sequence[float] | np.ndarray | Tensor,
+        weighting: str = "inverse",
+        beta: float = 0.9999,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(class_counts, label_smoothing=label_smoothing)
+        if weighting == "inverse":
+            weight = inverse_frequency_weights(class_counts, power=1.0)
+        elif weighting == "sqrt_inverse":
+            weight = inverse_frequency_weights(class_counts, power=0.5)
+        elif weighting == "effective_number":
+            weight = effective_number_weights(class_counts, beta=beta)
+        else:
+            raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+        self.weighting = weighting
+        self.register_buffer("weight", weight, persistent=False)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        self._check(logits, target)
+        return _cross_entropy(logits, target, self.weight, self.label_smoothing)
+
+
+class FocalLoss(ImbalanceLoss):
+    """Softmax focal loss (Lin et al. 2017): ``-alpha_y (1 - p_y)^gamma log p_y``.
+
+    ``alpha`` is a per-class list (length K) or None. A scalar alpha only rescales the softmax-form
+    loss and does nothing for imbalance, so it is rejected. With alpha the mean is normalised by
+    ``sum alpha_{y_i}`` (like weighted CE), so gamma=0 equals ``F.cross_entropy(weight=alpha)``.
+    Label smoothing is applied to the CE term; the modulating factor uses the true-class p.
+    """
+
+    def __init__(
+        self,
+        class_counts: Sequence[float] | np.ndarray | Tensor,
+        gamma: float = 1.0,
+        alpha: Sequence[float] | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(class_counts, label_smoothing=label_smoothing)
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        self.gamma = float(gamma)
+        weight = None
+        if alpha is not None:
+            if isinstance(alpha, Real) or (isinstance(alpha, Tensor) and alpha.ndim == 0):
+                raise ValueError(
+                    f"scalar alpha={float(alpha)} only rescales the softmax focal loss and does "
+                    f"nothing for class imbalance; pass a per-class list of length "
+                    f"{self.num_classes} or null"
+                )
+            weight = torch.as_tensor(np.asarray(list(alpha), dtype=np.float64), dtype=torch.float32)
+            if weight.ndim != 1 or weight.numel() != self.num_classes:
+                raise ValueError(
+                    f"alpha must have one entry per class ({self.num_classes}), "
+                    f"got {weight.numel()}"
+                )
+            if not torch.all(torch.isfinite(weight)) or torch.any(weight < 0):
+                raise ValueError(f"alpha must be finite and non-negative, got {weight.tolist()}")
+        self.register_buffer("alpha", weight, persistent=False)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        self._check(logits, target)
+        return _focal(logits, target, self.gamma, self.alpha, self.label_smoothing)
+
+
+class ClassBalancedLoss(ImbalanceLoss):
+    """Class-balanced loss (Cui et al. 2019): effective-number weights on CE or focal loss."""
+
+    uses_prior = True
+    BASES: ClassVar[tuple[str, ...]] = ("ce", "focal")
+
+    def __init__(
+        self,
+        class_counts: Sequence[float] | np.ndarray | Tensor,
+        beta: float = 0.9999,
+        base: str = "ce",
+        gamma: float = 1.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(class_counts, label_smoothing=label_smoothing)
+        if base not in self.BASES:
+            raise ValueError(f"unknown base {base!r}; valid: {', '.join(self.BASES)}")
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        self.base, self.beta, self.gamma = base, float(beta), float(gamma)
+        self.register_buffer(
+            "weight", effective_number_weights(class_counts, beta=beta), persistent=False
+        )
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        self._check(logits, target)
+        if self.base == "focal":
+            return _focal(logits, target, self.gamma, self.weight, self.label_smoothing)
+        return _cross_entropy(logits, target, self.weight, self.label_smoothing)
+
+
+class LDAMLoss(ImbalanceLoss):
+    """LDAM with deferred re-weighting (Cao et al. 2019).
+
+    Expects logits from a cosine head already scaled by ``s`` (``head = "cosine"``,
+    ``head_scale = s``) and computes ``CE(logits - s * Delta_y * onehot(y), weight)`` with
+    ``Delta_j = C / n_j^(1/4)``, ``max Delta = max_m``. DRW: unweighted before epoch ``drw_start``,
+    class-balanced (``beta``) weights from it on; ``drw_start=None`` never re-weights.
+    """
+
+    uses_prior = True
+    head = "cosine"
+
+    def __init__(
+        self,
+        class_counts: Sequence[float] | np.ndarray | Tensor,
+        max_m: float = 0.5,
+        s: float = 30.0,
+        drw_start: int | None = 160,
+        beta: float = 0.9999,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(class_counts, label_smoothing=label_smoothing)
+        if s <= 0:
+            raise ValueError(f"s must be > 0, got {s}")
+        if drw_start is not None and drw_start < 0:
+            raise ValueError(f"drw_start must be >= 0 or None, got {drw_start}")
+        self.head_scale = float(s)
+        self.max_m, self.beta = float(max_m), float(beta)
+        self.drw_start = None if drw_start is None else int(drw_start)
+        self.register_buffer("margins", ldam_margins(class_counts, max_m=max_m), persistent=False)
+        self.register_buffer(
+            "drw_weight", effective_number_weights(class_counts, beta=beta), persistent=False
+        )
+
+    @property
+    def drw_active(self) -> bool:
+        return self.drw_start is not None and self.epoch >= self.drw_start
+
+    @property
+    def weight(self) -> Tensor:
+        """Class weights in force at the current epoch (all ones before DRW starts)."""
+        return self.drw_weight if self.drw_active else torch.ones_like(self.drw_weight)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        self._check(logits, target)
+        margin = self.head_scale * self.margins.to(logits.dtype)[target]
+        adjusted = logits.scatter_add(1, target[:, None], -margin[:, None])
+        weight = self.drw_weight if self.drw_active else None
+        return _cross_entropy(adjusted, target, weight, self.label_smoothing)
+
+
+class BalancedSoftmaxLoss(ImbalanceLoss):
+    """Balanced softmax (Ren et al. 2020): ``CE(z + log n)``; predict with plain ``z``."""
+
+    uses_prior = True
+
+    def __init__(
+        self,
+        class_counts: Sequence[float] | np.ndarray | Tensor,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(class_counts, label_smoothing=label_smoothing)
+        log_n = torch.as_tensor(np.log(_clamped(class_counts)), dtype=torch.float32)
+        self.register_buffer("log_counts", log_n, persistent=False)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        self._check(logits, target)
+        shifted = logits + self.log_counts.to(logits.dtype)
+        return F.cross_entropy(shifted, target, label_smoothing=self.label_smoothing)
+
+
+class LogitAdjustedLoss(ImbalanceLoss):
+    """Logit-adjusted loss (Menon et al. 2021): ``CE(z + tau * log prior)``.
+
+    tau=1 is balanced softmax (``log n`` and ``log prior`` differ by a constant); tau=0 is CE.
+    """
+
+    uses_prior = True
+
+    def __init__(
+        self,
+        class_counts: Sequence[float] | np.ndarray | Tensor,
+        tau: float = 1.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(class_counts, label_smoothing=label_smoothing)
+        if not math.isfinite(tau):
+            raise ValueError(f"tau must be finite, got {tau}")
+        self.tau = float(tau)
+        self.register_buffer("log_prior", _log_prior(class_counts), persistent=False)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        self._check(logits, target)
+        shifted = logits + self.tau * self.log_prior.to(logits.dtype)
+        return F.cross_entropy(shifted, target, label_smoothing=self.label_smoothing)

@@ -1,0 +1,1 @@
+"""LightningModules for the transfer approaches. None of them knows Hydra."""

@@ -1,0 +1,171 @@
+"""Fine-tuning with freeze-then-unfreeze: the head first, then the backbone at a lower lr.
+
+Design (it avoids the known bugs of Lightning's ``BackboneFinetuning`` and timm's ``freeze``):
+
+- Every parameter is in the optimizer from step 0, in two groups. The backbone group's lr
+  factor is 0 until ``unfreeze_at``; no param group is ever added mid-run, so schedulers,
+  ``LearningRateMonitor`` and optimizer-state resume all keep working.
+- ``requires_grad`` is never flipped after construction (DDP would drop flipped weights from
+  gradient averaging). The frozen backbone instead runs under ``no_grad``, so its weights get
+  no gradient, no weight decay and no optimizer state: they stay bit-identical. DDP strategies
+  therefore use ``find_unused_parameters=True``.
+- BatchNorm mode is enforced in ``train()``: Lightning calls ``.train()`` at fit start, which
+  would otherwise set the frozen backbone's BatchNorm to update its running statistics.
+- All schedule state derives from ``current_epoch`` and the optimizer step count, both of which
+  checkpoints restore, so a run resumed before or after the boundary behaves like an
+  uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from timm.models import group_parameters
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from tailtune.backbones import Preprocess
+from tailtune.data.info import DatasetInfo
+from tailtune.models.base import ClassifierModule
+from tailtune.models.heads import build_head
+from tailtune.models.schedules import WarmupCosine
+
+BN_MODES = ("frozen", "train")
+OptimizerFactory = Callable[[Iterable[dict[str, Any]]], torch.optim.Optimizer]
+
+
+class FineTuneModule(ClassifierModule):
+    """A timm backbone plus a fresh head, trained head-first then end to end."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        preprocess: Preprocess,
+        info: DatasetInfo,
+        loss: nn.Module,
+        backbone_identity: dict[str, Any] | None = None,
+        lr: float = 1e-3,
+        unfreeze_at: int = 5,
+        backbone_lr_ratio: float = 0.1,
+        train_stages: int | None = None,
+        bn_after_unfreeze: str = "frozen",
+        head_dropout: float = 0.0,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: Any = None,
+        **base_kwargs: Any,
+    ) -> None:
+        super().__init__(info=info, loss=loss, **base_kwargs)
+        if unfreeze_at < 0:
+            raise ValueError(f"model.unfreeze_at must be >= 0, got {unfreeze_at}")
+        if backbone_lr_ratio < 0:
+            raise ValueError(f"model.backbone_lr_ratio must be >= 0, got {backbone_lr_ratio}")
+        if bn_after_unfreeze not in BN_MODES:
+            raise ValueError(
+                f"unknown model.bn_after_unfreeze '{bn_after_unfreeze}'; valid: {', '.join(BN_MODES)}"
+            )
+        self.backbone = backbone
+        self.preprocess = preprocess
+        self.backbone_identity = dict(backbone_identity or {})
+        self.head_kind = getattr(loss, "head", "linear")  # the loss declares the head it needs
+        self.head_scale = float(getattr(loss, "head_scale", 30.0))
+        self.head = build_head(
+            self.head_kind, backbone.num_features, info.num_classes, self.head_scale, head_dropout
+        )
+        self.lr = lr
+        self.unfreeze_at = unfreeze_at
+        self.backbone_lr_ratio = backbone_lr_ratio
+        self.bn_after_unfreeze = bn_after_unfreeze
+        self.optimizer_factory = optimizer or (lambda groups: torch.optim.AdamW(groups))
+        self.schedule = scheduler if scheduler is not None else WarmupCosine()
+        self.trainable_prefixes = self._select_stages(train_stages)
+        for name, param in self.backbone.named_parameters():
+            # Set once, before any DDP wrapping: stages outside `train_stages` never train.
+            param.requires_grad_(self._is_trainable(name))
+
+    # -- which parts of the backbone train --------------------------------------------------
+    def _select_stages(self, train_stages: int | None) -> tuple[str, ...]:
+        """Parameter-name prefixes of the last ``train_stages`` coarse timm groups (all if None)."""
+        if train_stages is None:
+            return ("",)
+        groups = group_parameters(self.backbone, self.backbone.group_matcher(coarse=True))
+        ordered = list(groups.values())
+        if not 0 <= train_stages <= len(ordered):
+            raise ValueError(
+                f"model.train_stages must be in [0, {len(ordered)}] for this backbone, "
+                f"got {train_stages}"
+            )
+        chosen = ordered[len(ordered) - train_stages:] if train_stages else []
+        return tuple(name for group in chosen for name in group)
+
+    def _is_trainable(self, param_name: str) -> bool:
+        return any(param_name.startswith(p) for p in self.trainable_prefixes)
+
+    @property
+    def backbone_unfrozen(self) -> bool:
+        """True from epoch ``unfreeze_at`` on, while fitting."""
+        trainer = self._trainer
+        return trainer is not None and trainer.training and self.current_epoch >= self.unfreeze_at
+
+    def train(self, mode: bool = True) -> FineTuneModule:
+        super().train(mode)
+        if not mode:
+            return self
+        if not self.backbone_unfrozen:
+            self.backbone.eval()  # a fixed feature extractor: no BN updates, no dropout
+            return self
+        for name, module in self.backbone.named_modules():
+            own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+            frozen_part = own and not any(self._is_trainable(p) for p in own)
+            keep_stats = isinstance(module, _BatchNorm) and self.bn_after_unfreeze == "frozen"
+            if frozen_part or keep_stats:
+                module.eval()
+        return self
+
+    # -- forward ---------------------------------------------------------------------------
+    def features(self, images: Tensor) -> Tensor:
+        x = self.preprocess(images)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone_unfrozen):
+            return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self.train()  # the BatchNorm/dropout mode depends on the epoch
+
+    # -- optimisation ----------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        backbone_params = [p for p in self.backbone.parameters() if p.requires_grad]
+        groups = [{"params": list(self.head.parameters()), "lr": self.lr, "name": "head"}]
+        if backbone_params:
+            groups.append({"params": backbone_params, "lr": self.lr * self.backbone_lr_ratio,
+                           "name": "backbone"})
+        optimizer = self.optimizer_factory(groups)
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = max(1, int(self.trainer.max_epochs or 1))
+        per_epoch = max(1, total // epochs)
+        unfreeze_step = self.unfreeze_at * per_epoch
+
+        def head_factor(step: int) -> float:
+            return self.schedule.factor(step, 0, total, per_epoch)
+
+        def backbone_factor(step: int) -> float:
+            return self.schedule.factor(step, unfreeze_step, total, per_epoch)
+
+        lambdas = [head_factor, backbone_factor][: len(groups)]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        meta = super().checkpoint_metadata()
+        meta.update({
+            "model": "finetune",
+            "preprocess": self.preprocess.to_config(),
+            "backbone": self.backbone_identity,
+            "head": {"kind": self.head_kind, "scale": self.head_scale},
+        })
+        return meta

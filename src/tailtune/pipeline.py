@@ -1,0 +1,241 @@
+"""The one place that turns a composed config into datamodule, model and trainer.
+
+train, eval and ``tailtune.load`` all build through here, so evaluation always rebuilds a
+model exactly as training built it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from filelock import FileLock
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from tailtune.callbacks import CheckpointConfig, EpochReseed, SamplerEpoch
+from tailtune.data.datamodule import ImbalancedDataModule
+from tailtune.data.info import DatasetInfo
+from tailtune.models.base import ClassifierModule
+
+HP_METRICS = ("val/bal_acc", "test/bal_acc", "test/macro_f1", "test/acc")
+
+
+# -- data -------------------------------------------------------------------------------------
+def build_datamodule(cfg: DictConfig) -> ImbalancedDataModule:
+    """Instantiate and set up the datamodule; set-up (downloads, decoding) runs under a lock,
+    so concurrent ranks or sweep jobs do it once, one after another."""
+    sampler = instantiate(cfg.sampler) if cfg.get("sampler") else None
+    datamodule = instantiate(cfg.data, sampler=sampler, seed=cfg.get("seed", 0))
+    lock_dir = Path(cfg.paths.cache_dir)
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock_dir / "data-setup.lock")):
+        datamodule.setup("fit")
+    return datamodule
+
+
+# -- model ------------------------------------------------------------------------------------
+def loss_class_counts(loss_factory: Any, datamodule: ImbalancedDataModule,
+                      correct_for_sampler: bool = True) -> list[float]:
+    """Class counts for the loss.
+
+    A resampling sampler already changes the training prior; prior-based losses (weighted CE,
+    class-balanced, balanced softmax, logit-adjusted, LDAM-DRW) then get the sampler's
+    effective class distribution, so the run does not correct twice.
+    """
+    counts = list(datamodule.info.class_counts)
+    sampler = datamodule.train_sampler
+    uses_prior = getattr(getattr(loss_factory, "func", loss_factory), "uses_prior", False)
+    expected = getattr(sampler, "expected_class_counts", None)
+    if not uses_prior or expected is None:
+        return counts
+    effective = [float(c) for c in expected()]
+    if correct_for_sampler:
+        return effective
+    if max(effective) / max(min(effective), 1e-12) < max(counts) / max(min(counts), 1):
+        warnings.warn("the sampler re-balances the data and the loss corrects for the "
+                      "original prior too: this run corrects twice", stacklevel=2)
+    return counts
+
+
+def build_loss(cfg: DictConfig, datamodule: ImbalancedDataModule) -> torch.nn.Module:
+    factory = instantiate(cfg.loss)
+    counts = loss_class_counts(factory, datamodule, cfg.get("correct_prior_for_sampler", True))
+    return factory(class_counts=counts)
+
+
+def build_model(cfg: DictConfig, info: DatasetInfo, loss: torch.nn.Module) -> ClassifierModule:
+    backbone, preprocess, identity = instantiate(cfg.backbone)
+    return instantiate(cfg.model)(
+        backbone=backbone, preprocess=preprocess, backbone_identity=identity, info=info,
+        loss=loss,
+    )
+
+
+# -- trainer ----------------------------------------------------------------------------------
+def build_loggers(cfg: DictConfig) -> list[Logger]:
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[L.Callback] = (),
+                  loggers: list[Logger] | None = None) -> L.Trainer:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks.extend(extra_callbacks)
+    return instantiate(
+        cfg.trainer, callbacks=callbacks,
+        logger=build_loggers(cfg) if loggers is None else loggers,
+        default_root_dir=str(run_dir), _convert_="partial",
+    )
+
+
+def training_callbacks(cfg: DictConfig, datamodule: ImbalancedDataModule) -> list[L.Callback]:
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("hydra", None)
+    return [
+        EpochReseed(cfg.seed),
+        SamplerEpoch(datamodule.train_sampler, datamodule.info.class_names),
+        CheckpointConfig(config),
+    ]
+
+
+def hyperparameters(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]:
+    """Every group's choice plus every scalar setting: no whitelist to maintain."""
+    params: dict[str, Any] = {f"choice/{group}": str(option) for group, option in choices.items()
+                              if not group.startswith("hydra")}
+    skip = {"hydra", "paths", "callbacks", "logger"}
+    plain = OmegaConf.to_container(cfg, resolve=True)
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("_target_", "_partial_", "_convert_") or (not prefix and key in skip):
+                    continue
+                walk(value, f"{prefix}{key}.")
+        elif isinstance(node, (bool, int, float, str)) or node is None:
+            params[prefix.rstrip(".")] = "null" if node is None else node
+        else:
+            params[prefix.rstrip(".")] = str(node)
+
+    walk(plain, "")
+    return params
+
+
+def log_hyperparameters(trainer: L.Trainer, params: dict[str, Any],
+                        metrics: dict[str, float] | None = None) -> None:
+    """Write the hparams entry at start (metrics -1), so a crashed run still shows up; the
+    final values are logged under the same tags at the end."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(params, metrics or {f"hp/{m}": -1.0 for m in HP_METRICS})
+        else:
+            logger.log_hyperparams(params)
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a tailtune checkpoint with ``weights_only=True``: plain data only."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint does not exist: {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if "tailtune" not in checkpoint or "config" not in checkpoint["tailtune"]:
+        raise ValueError(f"{path} is not a tailtune checkpoint (no 'tailtune' metadata)")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> ClassifierModule:
+    """Rebuild the module a checkpoint was trained as, and load its weights.
+
+    The backbone is built without downloading or reading weights (``weights=none``): the
+    checkpoint's state dict holds them.
+    """
+    meta = checkpoint["tailtune"]
+    cfg = OmegaConf.create(meta["config"])
+    cfg.backbone.weights = "none"
+    cfg.backbone.weights_path = None
+    info = DatasetInfo.from_dict(meta["dataset_info"])
+    loss = instantiate(cfg.loss)(class_counts=list(info.class_counts))
+    model = build_model(cfg, info, loss)
+    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    return model
+
+
+def load_checkpoint_model(path: str | Path, map_location: str = "cpu") -> ClassifierModule:
+    model = model_from_checkpoint(read_checkpoint(path))
+    return model.to(map_location).eval()
+
+
+# -- run dir ----------------------------------------------------------------------------------
+def config_yaml(cfg: DictConfig) -> str:
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    return OmegaConf.to_yaml(plain)
+
+
+def save_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The resolved config, at the top of the run dir (Hydra's own copy is unresolved)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config_yaml(cfg))
+
+
+def resume_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """``auto``: the run dir's last checkpoint if one exists, else start fresh."""
+    if ckpt_path != "auto":
+        return ckpt_path
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return str(last) if last.is_file() else None
+
+
+def final_metrics(trainer: L.Trainer, model: ClassifierModule,
+                  datamodule: ImbalancedDataModule, test: bool = True) -> dict[str, Any]:
+    """Val (and test) metrics of the best checkpoint, from full single passes."""
+    callback = trainer.checkpoint_callback
+    best = callback.best_model_path if callback is not None and callback.best_model_path else None
+    trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+    metrics: dict[str, Any] = {
+        "val": dict(model.val_results),
+        "best_checkpoint": best,
+        "epochs_trained": trainer.current_epoch,
+        "dataset": datamodule.info.to_dict(),
+    }
+    if test:
+        trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+        metrics["test"] = dict(model.test_results)
+    return metrics
+
+
+def write_test_artifacts(model: ClassifierModule, run_dir: Path) -> None:
+    from tailtune.metrics import write_confusion_csv
+
+    if model.test_confusion is not None and model.trainer.is_global_zero:
+        write_confusion_csv(model.test_confusion, model.class_names, run_dir / "test_confusion.csv")
+
+
+def log_final_metrics(trainer: L.Trainer, metrics: dict[str, Any]) -> None:
+    values = {}
+    for name in HP_METRICS:
+        stage, key = name.split("/", 1)
+        if key in metrics.get(stage, {}):
+            values[f"hp/{name}"] = float(metrics[stage][key])
+    for logger in trainer.loggers:
+        logger.log_metrics(values, step=trainer.global_step)
+        logger.finalize("success")
+
+
+def check_same_split(checkpoint: dict[str, Any], info: DatasetInfo) -> None:
+    """Refuse to evaluate on data other than the split the checkpoint was trained with."""
+    stored = DatasetInfo.from_dict(checkpoint["tailtune"]["dataset_info"])
+    if stored.class_names != info.class_names:
+        raise ValueError(
+            f"the checkpoint was trained on classes {list(stored.class_names)[:5]}..., "
+            f"but the data has {list(info.class_names)[:5]}...: a checkpoint from a different dataset"
+        )
+    if stored.split_fingerprint != info.split_fingerprint:
+        raise ValueError(
+            f"the data split differs from the checkpoint's (fingerprint {info.split_fingerprint} "
+            f"vs {stored.split_fingerprint}): its test set may overlap the training images"
+        )

@@ -1,0 +1,85 @@
+"""What a run leaves in its dir besides checkpoints and events.
+
+- ``status.json``: running / failed (with the error's last line) / done. A run dir without
+  ``done`` never looks complete.
+- ``run.json``: git commit, dirty flag, key package versions, command line.
+- ``metrics.json``: final val and test metrics, written last and atomically.
+- ``timings.json``: wall times, kept apart so metrics compare exactly across runs.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("tailtune", "torch", "torchvision", "lightning", "timm", "torchmetrics",
+            "hydra-core", "imbalanced-learn", "scikit-learn", "numpy")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write atomically: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def git_state(cwd: Path | None = None) -> dict[str, Any]:
+    """Commit and dirty flag of the code that ran, if it runs from a git checkout."""
+    where = cwd or Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+class RunRecord:
+    """Status, provenance, metrics and timings of one run dir."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.started = time.time()
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.json"
+
+    def start(self, extra: dict[str, Any] | None = None) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.set_status("running")
+        write_json(self.run_dir / "run.json", {
+            "git": git_state(), "packages": package_versions(), "argv": sys.argv,
+            "python": sys.version.split()[0], **(extra or {}),
+        })
+
+    def set_status(self, status: str, error: str | None = None) -> None:
+        data: dict[str, Any] = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if error:
+            data["error"] = error
+        write_json(self.run_dir / "status.json", data)
+
+    def finish(self, metrics: dict[str, Any]) -> None:
+        write_json(self.metrics_path, metrics)
+        write_json(self.run_dir / "timings.json", {"wall_s": round(time.time() - self.started, 2)})
+        self.set_status("done")
