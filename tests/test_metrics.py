@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,17 @@ from tailtune.metrics import (
 
 K = 5
 NAMES = [f"c{i}" for i in range(K)]
+
+
+@pytest.fixture(autouse=True)
+def _single_torch_thread() -> Iterator[None]:
+    # torch and scikit-learn each ship their own libgomp; once sklearn has run, torch's many
+    # tiny parallel regions (binned AUROC loops over thresholds) can stall for tens of seconds
+    # on a small shared machine. One torch thread is plenty for these sizes.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _metric(**kw: object) -> ImbalancedClassificationMetrics:

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from filelock import FileLock
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -84,6 +85,8 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[L.Callback] = (),
                   loggers: list[Logger] | None = None) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar it can't show
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.extend(extra_callbacks)
     return instantiate(
         cfg.trainer, callbacks=callbacks,

@@ -1,0 +1,52 @@
+"""One shared smoke configuration for every test that trains: `debug=smoke`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from tailtune.cli.config import CONFIG_PATH, register_resolvers
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = str(REPO / "configs")
+assert not CONFIG_PATH.startswith("pkg://") or (REPO / "configs").is_dir()
+
+register_resolvers()
+
+
+def compose_config(name: str, overrides: list[str], output_dir: Path) -> tuple[DictConfig, dict]:
+    """Compose like the CLI does; returns the config (without its hydra node) and the
+    group choices Hydra recorded."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(name, overrides=overrides, return_hydra_config=True)
+    choices = {k: v for k, v in cfg.hydra.runtime.choices.items()}
+    with open_dict(cfg):
+        del cfg.hydra
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.cache_dir = str(output_dir.parent / "cache")
+    return cfg, choices
+
+
+@pytest.fixture
+def smoke_cfg(tmp_path: Path) -> Callable[..., tuple[DictConfig, dict]]:
+    """`smoke_cfg(*overrides)` -> (cfg, choices): the shared tiny config, in a tmp run dir."""
+
+    def make(*overrides: str, name: str = "run") -> tuple[DictConfig, dict]:
+        return compose_config("train", ["debug=smoke", *overrides], tmp_path / name)
+
+    return make
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600):
+    """Run a console script in a subprocess, as a user would."""
+    script = Path(sys.executable).with_name(args[0])
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([str(script), *args[1:]], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
