@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+
+# torch and scikit-learn each load their own OpenMP runtime; with active spin-waiting the two
+# pools starve each other on 2 cores (stalls of 10-30 s seen here). Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import subprocess
 import sys
 from collections.abc import Callable

@@ -77,6 +77,14 @@ def build_model(cfg: DictConfig, info: DatasetInfo, loss: torch.nn.Module) -> Cl
     )
 
 
+def build_experiment(cfg: DictConfig) -> tuple[ImbalancedDataModule, ClassifierModule]:
+    """Seed, then build the datamodule and the model it describes (the head's init draws
+    from the seeded RNG, so equal seeds give equal models)."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    return datamodule, build_model(cfg, datamodule.info, build_loss(cfg, datamodule))
+
+
 # -- trainer ----------------------------------------------------------------------------------
 def build_loggers(cfg: DictConfig) -> list[Logger]:
     return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]

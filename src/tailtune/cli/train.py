@@ -15,7 +15,6 @@ register_resolvers()
 def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> float:
     """Fit and test one run; returns ``cfg.optimized_metric`` for sweepers."""
     check_train_config(cfg)  # before torch is imported: bad input fails in a second
-    import lightning as L
     from rich.console import Console
     from rich.syntax import Syntax
 
@@ -29,11 +28,8 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> float:
     try:
         pipeline.save_config(cfg, run_dir)
         console.print(Syntax(pipeline.config_yaml(cfg), "yaml", background_color="default"))
-        L.seed_everything(cfg.seed, workers=True)
-
-        datamodule = pipeline.build_datamodule(cfg)
+        datamodule, model = pipeline.build_experiment(cfg)
         datamodule.print_summary(console)
-        model = pipeline.build_model(cfg, datamodule.info, pipeline.build_loss(cfg, datamodule))
         trainer = pipeline.build_trainer(
             cfg, run_dir, pipeline.training_callbacks(cfg, datamodule))
         pipeline.log_hyperparameters(trainer, pipeline.hyperparameters(cfg, choices or {}))

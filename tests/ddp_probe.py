@@ -1,0 +1,26 @@
+"""A callback that tests attach through Hydra (`+callbacks.probe._target_=ddp_probe.WeightDigest`)
+to see what each DDP rank ended with."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import lightning as L
+
+
+class WeightDigest(L.Callback):
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        digest = hashlib.sha256()
+        for key, tensor in sorted(pl_module.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"rank{trainer.global_rank}.txt").write_text(digest.hexdigest())
+        sampler = trainer.train_dataloader.sampler
+        indices = list(iter(sampler))
+        (self.out_dir / f"indices{trainer.global_rank}.txt").write_text(
+            " ".join(map(str, indices)))

@@ -1,0 +1,96 @@
+"""Freeze-then-unfreeze: what trains when, BatchNorm statistics, and exact resume."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+
+from tailtune import pipeline
+
+
+class Snapshots(L.Callback):
+    """Backbone state (weights and BN buffers) and head weights at the end of each epoch."""
+
+    def __init__(self) -> None:
+        self.backbone: list[dict[str, torch.Tensor]] = []
+        self.head: list[dict[str, torch.Tensor]] = []
+        self.lrs: list[list[float]] = []
+
+    def on_fit_start(self, trainer, pl_module):
+        self.initial = copy.deepcopy(pl_module.backbone.state_dict())
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.backbone.append(copy.deepcopy(pl_module.backbone.state_dict()))
+        self.head.append(copy.deepcopy(pl_module.head.state_dict()))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:  # the lr the epoch's first step uses
+            self.lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+
+class StopAfter(L.Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def fit(cfg, run_dir, extra=(), ckpt_path=None):
+    datamodule, model = pipeline.build_experiment(cfg)
+    callbacks = pipeline.training_callbacks(cfg, datamodule) + list(extra)
+    trainer = pipeline.build_trainer(cfg, run_dir, callbacks, loggers=[])
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    return model, trainer
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("bn_mode", ["frozen", "train"])
+def test_backbone_is_bit_identical_until_unfreeze_then_changes(smoke_cfg, tmp_path, bn_mode):
+    cfg, _ = smoke_cfg("trainer.max_epochs=3", "model.unfreeze_at=2",
+                       f"model.bn_after_unfreeze={bn_mode}", "model.lr=0.01")
+    snaps = Snapshots()
+    fit(cfg, tmp_path / "run", [snaps])
+    assert _same(snaps.initial, snaps.backbone[0]) and _same(snaps.initial, snaps.backbone[1])
+    assert not _same(snaps.head[0], snaps.head[1])  # the head trains while the backbone waits
+    after = snaps.backbone[2]
+    weights = [k for k in after if k.endswith("weight") and "bn" not in k]
+    assert any(not torch.equal(snaps.initial[k], after[k]) for k in weights)
+    stats = [k for k in after if k.endswith("running_mean")]
+    stats_changed = any(not torch.equal(snaps.initial[k], after[k]) for k in stats)
+    assert stats_changed == (bn_mode == "train")
+    # The backbone group's lr is 0 through the frozen epochs, > 0 after.
+    assert snaps.lrs[0][1] == 0.0 and snaps.lrs[1][1] == 0.0 and snaps.lrs[2][1] > 0.0
+
+
+def test_train_stages_limits_what_unfreezes(smoke_cfg, tmp_path):
+    cfg, _ = smoke_cfg("model.train_stages=1", "model.lr=0.01")
+    snaps = Snapshots()
+    model, _ = fit(cfg, tmp_path / "run", [snaps])
+    after = snaps.backbone[-1]
+    assert torch.equal(snaps.initial["conv_stem.weight"], after["conv_stem.weight"])
+    assert not torch.equal(snaps.initial["conv_head.weight"], after["conv_head.weight"])
+    assert not model.backbone.conv_stem.weight.requires_grad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_epoch", [0, 2], ids=["saved-while-frozen", "saved-after-unfreeze"])
+def test_resume_matches_an_uninterrupted_run(smoke_cfg, tmp_path, stop_epoch):
+    overrides = ("trainer.max_epochs=4", "model.unfreeze_at=1", "model.head_dropout=0.2")
+    cfg, _ = smoke_cfg(*overrides, name="whole")
+    whole, _ = fit(cfg, tmp_path / "whole")
+
+    cfg, _ = smoke_cfg(*overrides, name="parts")
+    fit(cfg, tmp_path / "parts", [StopAfter(stop_epoch)])
+    last = tmp_path / "parts" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == stop_epoch
+    resumed, trainer = fit(cfg, tmp_path / "parts", ckpt_path=str(last))
+    assert trainer.current_epoch == 4
+    assert _same(whole.state_dict(), resumed.state_dict())
