@@ -20,7 +20,9 @@ class WeightDigest(L.Callback):
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{trainer.global_rank}.txt").write_text(digest.hexdigest())
-        sampler = trainer.train_dataloader.sampler
-        indices = list(iter(sampler))
-        (self.out_dir / f"indices{trainer.global_rank}.txt").write_text(
-            " ".join(map(str, indices)))
+        # The last epoch's list as the sampler drew it, and this rank's shard of it.
+        wrapper = trainer.train_dataloader.sampler
+        inner = getattr(getattr(wrapper, "dataset", None), "_sampler", wrapper)
+        rank = trainer.global_rank
+        (self.out_dir / f"full{rank}.txt").write_text(" ".join(map(str, inner)))
+        (self.out_dir / f"shard{rank}.txt").write_text(" ".join(map(str, wrapper)))

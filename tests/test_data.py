@@ -66,3 +66,12 @@ def test_items_are_unnormalised_three_channel_images_at_data_image_size():
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="batch_size"):
         ImbalancedDataModule(DigitsSource(), batch_size=0)
+
+
+def test_eval_shards_cover_every_sample_once_without_padding():
+    from tailtune.data.datamodule import EvalShardSampler
+
+    dataset = list(range(11))
+    shards = [list(EvalShardSampler(dataset, num_replicas=3, rank=r)) for r in range(3)]
+    assert sorted(i for shard in shards for i in shard) == dataset
+    assert [len(s) for s in shards] == [4, 4, 3]

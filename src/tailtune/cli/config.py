@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 
 
-
 def _config_path() -> str:
     """Packaged configs after ``pip install .``; the repo's own ``configs/`` in a checkout
     (an editable install leaves the package dir without them)."""

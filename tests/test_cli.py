@@ -1,0 +1,147 @@
+"""The command line as a user runs it: composing, training, evaluating, loading, DDP."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import tailtune
+from conftest import CONFIG_DIR, compose_config, run_cli
+from tailtune.cli.evaluate import evaluate
+from tailtune.cli.train import train
+
+GROUPS = ["data", "backbone", "model", "sampler", "loss", "trainer", "logger", "callbacks",
+          "debug", "experiment"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_of_every_group_composes(group, tmp_path):
+    assert _options(group), f"configs/{group} is empty"
+    for option in _options(group):
+        cfg, choices = compose_config("train", [f"{group}={option}"], tmp_path / option)
+        assert choices[group] == option
+        OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_smoke_train_writes_a_complete_run_and_eval_reproduces_it(smoke_cfg, tmp_path):
+    cfg, choices = smoke_cfg()
+    value = train(cfg, choices)
+    run_dir = Path(cfg.paths.output_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert value == metrics["val"]["bal_acc"]
+    for key in ("acc", "bal_acc", "macro_f1"):
+        assert 0.0 <= metrics["test"][key] <= 1.0
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "done"
+    record = json.loads((run_dir / "run.json").read_text())
+    assert "commit" in record["git"] and record["packages"]["torch"]
+    assert (run_dir / "test_confusion.csv").is_file()
+
+    # The checkpoint contract: plain data that loads with weights_only=True.
+    best = run_dir / "checkpoints" / "best.ckpt"
+    ckpt = torch.load(best, weights_only=True)
+    meta = ckpt["tailtune"]
+    assert meta["config"]["backbone"]["name"] == "tf_efficientnet_lite0"
+    assert meta["dataset_info"]["class_names"] == [str(i) for i in range(10)]
+    assert meta["preprocess"]["image_size"] == 32
+    assert meta["dataset_info"]["split_fingerprint"] == metrics["dataset"]["split_fingerprint"]
+
+    eval_cfg, _ = compose_config("eval", [f"ckpt_path={best}", "debug=smoke"], tmp_path / "ev")
+    results = evaluate(eval_cfg)
+    for key, value in metrics["test"].items():
+        assert results["test"][key] == pytest.approx(value, abs=1e-6), key
+
+    # The Python API predicts from raw images of any size.
+    model = tailtune.load(str(best))
+    probs = model.predict_images(torch.rand(3, 3, 20, 20))
+    assert probs.shape == (3, 10)
+    assert torch.allclose(probs.sum(dim=1), torch.ones(3))
+    assert model.class_names == tuple(str(i) for i in range(10))
+
+
+def test_eval_refuses_a_checkpoint_of_another_split(smoke_cfg, tmp_path):
+    cfg, choices = smoke_cfg()
+    train(cfg, choices)
+    best = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
+    ckpt = torch.load(best, weights_only=True)
+    ckpt["tailtune"]["config"]["data"]["split_seed"] = 7  # as if trained on another split
+    other = tmp_path / "other.ckpt"
+    torch.save(ckpt, other)
+    eval_cfg, _ = compose_config("eval", [f"ckpt_path={other}", "debug=smoke"], tmp_path / "ev")
+    with pytest.raises(ValueError, match="split differs"):
+        evaluate(eval_cfg)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["loss=nope"], "Available options in 'loss'"),
+        (["backbone=nope"], "efficientnet_lite0"),
+        (["sampler=nope"], "weighted"),
+        (["model.lrr=1"], "Could not override 'model.lrr'"),
+        (["backbone.name=tf_efficientnet_lite9"], "unknown timm model"),
+        (["backbone.weights=file", "backbone.weights_path=/no/such.pth"], "does not exist"),
+        (["model.unfreeze_at=50"], "after the last epoch"),
+        (["data.batch_size=0"], "data.batch_size must be >= 1"),
+    ],
+)
+def test_bad_input_is_one_readable_message_and_a_nonzero_exit(tmp_path, args, expected):
+    result = run_cli("tailtune-train", "debug=smoke", *args, cwd=tmp_path)
+    assert result.returncode != 0
+    assert expected in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("metrics.json")) and not list(tmp_path.rglob("best.ckpt"))
+
+
+@pytest.mark.slow
+def test_console_script_runs_from_any_directory(tmp_path):
+    result = run_cli("tailtune-train", "debug=smoke", "trainer.max_epochs=1",
+                     "model.unfreeze_at=0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dirs = list((tmp_path / "logs" / "runs").iterdir())
+    assert len(run_dirs) == 1 and str(run_dirs[0]) in result.stdout + result.stderr
+    assert (run_dirs[0] / "metrics.json").is_file()
+    assert list((run_dirs[0] / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_ddp_sim_two_processes_end_with_identical_weights_and_one_run_dir(tmp_path):
+    probe = tmp_path / "probe"
+    result = run_cli(
+        "tailtune-train", "debug=smoke", "trainer=ddp_sim", "trainer.max_epochs=2",
+        "model.unfreeze_at=1", "sampler=over", "trainer.limit_test_batches=null",
+        "data.test_fraction=0.2505",  # 451 test images: an odd count that padding would skew
+        "+callbacks.probe._target_=ddp_probe.WeightDigest", f"+callbacks.probe.out_dir={probe}",
+        cwd=tmp_path, env={"PYTHONPATH": str(Path(__file__).parent)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dirs = list((tmp_path / "logs" / "runs").iterdir())
+    assert len(run_dirs) == 1, run_dirs
+    assert (probe / "rank0.txt").read_text() == (probe / "rank1.txt").read_text()
+    # Both ranks drew the same epoch list and took disjoint shards of it: together the
+    # shards are that list plus at most one padded duplicate (2 ranks).
+    full = [_read(probe / f"full{r}.txt") for r in (0, 1)]
+    assert full[0] == full[1]
+    shards = Counter(_read(probe / "shard0.txt")) + Counter(_read(probe / "shard1.txt"))
+    assert not Counter(full[0]) - shards
+    assert sum((shards - Counter(full[0])).values()) <= 1
+    # Test metrics over 2 unpadded shards equal a single-process evaluation of the same model.
+    metrics = json.loads((run_dirs[0] / "metrics.json").read_text())
+    single = evaluate(compose_config(
+        "eval", [f"ckpt_path={metrics['best_checkpoint']}", "debug=smoke",
+                 "trainer.limit_test_batches=null"], tmp_path / "ev")[0])
+    assert sum(metrics["dataset"]["class_counts"]) > 0 and len(full[0]) > 0
+    ddp = metrics["test"]
+    assert ddp["bal_acc"] == pytest.approx(single["test"]["bal_acc"], abs=1e-6)
+
+
+def _read(path: Path) -> list[int]:
+    return [int(v) for v in path.read_text().split()]
