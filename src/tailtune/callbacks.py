@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -46,9 +47,9 @@ class SamplerEpoch(L.Callback):
         self.sampler = sampler
         self.class_names = class_names
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loader = trainer.fit_loop._combined_loader  # set up by now in Lightning >= 2.0
-        used = getattr(getattr(loader, "flattened", [None])[0], "sampler", None) if loader else None
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loader = trainer.train_dataloader  # set up by the time training starts
+        used = getattr(loader, "sampler", None)
         inner = getattr(getattr(used, "dataset", None), "_sampler", used)  # unwrap DDP wrapper
         if used is not None and inner is not self.sampler:
             rank_zero_warn(
@@ -89,3 +90,21 @@ class CheckpointConfig(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         checkpoint.setdefault("tailtune", {})["config"] = self.config
+
+
+class InterruptCheckpoint(L.Callback):
+    """On SIGTERM (or Ctrl-C), save the current state before the process exits.
+
+    Lightning turns SIGTERM into ``SIGTERMException``; ``resume=auto`` then picks the newest of
+    this file, ``last.ckpt`` and SLURM's ``hpc_ckpt_N.ckpt``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                     exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and trainer.training:
+            trainer.save_checkpoint(self.path)

@@ -6,6 +6,8 @@ model exactly as training built it.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from tailtune.callbacks import CheckpointConfig, EpochReseed, SamplerEpoch
+from tailtune.callbacks import CheckpointConfig, EpochReseed, InterruptCheckpoint, SamplerEpoch
 from tailtune.data.datamodule import ImbalancedDataModule
 from tailtune.data.info import DatasetInfo
 from tailtune.models.base import ClassifierModule
@@ -31,7 +33,9 @@ def build_datamodule(cfg: DictConfig) -> ImbalancedDataModule:
     """Instantiate and set up the datamodule; set-up (downloads, decoding) runs under a lock,
     so concurrent ranks or sweep jobs do it once, one after another."""
     sampler = instantiate(cfg.sampler) if cfg.get("sampler") else None
-    datamodule = instantiate(cfg.data, sampler=sampler, seed=cfg.get("seed", 0))
+    transform = instantiate(cfg.transforms) if cfg.get("transforms") else None  # train only
+    datamodule = instantiate(cfg.data, sampler=sampler, seed=cfg.get("seed", 0),
+                             train_transform=transform)
     lock_dir = Path(cfg.paths.cache_dir)
     lock_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock_dir / "data-setup.lock")):
@@ -86,8 +90,17 @@ def build_experiment(cfg: DictConfig) -> tuple[ImbalancedDataModule, ClassifierM
 
 
 # -- trainer ----------------------------------------------------------------------------------
-def build_loggers(cfg: DictConfig) -> list[Logger]:
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+def build_loggers(cfg: DictConfig, run_name: str = "") -> list[Logger]:
+    """Loggers; under a sweep, the TensorBoard run is named by the job's overrides."""
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        if not node:
+            continue
+        if run_name and "version" in node:
+            loggers.append(instantiate(node, version=run_name))
+        else:
+            loggers.append(instantiate(node))
+    return loggers
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[L.Callback] = (),
@@ -110,6 +123,7 @@ def training_callbacks(cfg: DictConfig, datamodule: ImbalancedDataModule) -> lis
         EpochReseed(cfg.seed),
         SamplerEpoch(datamodule.train_sampler, datamodule.info.class_names),
         CheckpointConfig(config),
+        InterruptCheckpoint(Path(cfg.paths.output_dir) / "checkpoints" / "interrupted.ckpt"),
     ]
 
 
@@ -187,18 +201,61 @@ def config_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(plain)
 
 
-def save_config(cfg: DictConfig, run_dir: Path) -> None:
-    """The resolved config, at the top of the run dir (Hydra's own copy is unresolved)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_yaml(cfg))
+def config_tree(cfg: DictConfig) -> Any:
+    """The resolved config as a rich tree, one branch per group."""
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    for key, value in plain.items():
+        text = OmegaConf.to_yaml({key: value}).rstrip()
+        tree.add(Syntax(text, "yaml", background_color="default"))
+    return tree
 
 
-def resume_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """``auto``: the run dir's last checkpoint if one exists, else start fresh."""
-    if ckpt_path != "auto":
+def is_rank_zero() -> bool:
+    """Before the Trainer exists: Lightning's DDP launcher sets LOCAL_RANK/NODE_RANK for
+    the ranks it starts, SLURM sets SLURM_PROCID."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def reset_process_state(cfg: DictConfig) -> None:
+    """State that leaks between jobs when a launcher reuses worker processes (joblib/loky)."""
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    torch.use_deterministic_algorithms(bool(cfg.trainer.get("deterministic")), warn_only=True)
+
+
+def optimized_value(metrics: dict[str, Any], name: str) -> float:
+    """``val/bal_acc`` -> metrics["val"]["bal_acc"]."""
+    stage, _, key = name.partition("/")
+    return float(metrics.get(stage, {}).get(key, float("nan")))
+
+
+def run_name(overrides: list[str] | None) -> str:
+    """A TensorBoard run name from the job's overrides, safe as a dir name."""
+    if not overrides:
+        return ""
+    name = ",".join(o for o in overrides if not o.startswith("hydra."))
+    name = name.replace("/", "∕").replace(os.sep, "∕")
+    return name if len(name) <= 120 else f"{name[:100]}…{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
+def resume_checkpoint(ckpt_path: str | None, run_dir: Path, auto: bool = False) -> str | None:
+    """An explicit path wins; with ``auto`` (or ``ckpt_path=auto``), the newest of the run dir's
+    last, interrupted and SLURM ``hpc_ckpt_*`` checkpoints, if any."""
+    if ckpt_path not in (None, "auto"):
         return ckpt_path
-    last = run_dir / "checkpoints" / "last.ckpt"
-    return str(last) if last.is_file() else None
+    if not auto and ckpt_path != "auto":
+        return None
+    candidates = [run_dir / "checkpoints" / "last.ckpt",
+                  run_dir / "checkpoints" / "interrupted.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+    existing = [p for p in candidates if p.is_file()]
+    return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
 
 
 def final_metrics(trainer: L.Trainer, model: ClassifierModule,

@@ -54,11 +54,23 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-class RunRecord:
-    """Status, provenance, metrics and timings of one run dir."""
+def finished_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """The metrics of a run that completed, or None."""
+    metrics, status = Path(run_dir) / "metrics.json", Path(run_dir) / "status.json"
+    try:
+        if json.loads(status.read_text()).get("status") == "done":
+            return json.loads(metrics.read_text())
+    except (OSError, ValueError):
+        pass
+    return None
 
-    def __init__(self, run_dir: Path) -> None:
+
+class RunRecord:
+    """Status, provenance, metrics and timings of one run dir. Only rank zero writes."""
+
+    def __init__(self, run_dir: Path, rank_zero: bool = True) -> None:
         self.run_dir = Path(run_dir)
+        self.rank_zero = rank_zero
         self.started = time.time()
 
     @property
@@ -66,6 +78,8 @@ class RunRecord:
         return self.run_dir / "metrics.json"
 
     def start(self, extra: dict[str, Any] | None = None) -> None:
+        if not self.rank_zero:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.set_status("running")
         write_json(self.run_dir / "run.json", {
@@ -73,13 +87,22 @@ class RunRecord:
             "python": sys.version.split()[0], **(extra or {}),
         })
 
+    def save_config(self, text: str) -> None:
+        """The resolved config, at the top of the run dir (Hydra's copy is unresolved)."""
+        if self.rank_zero:
+            (self.run_dir / "config.yaml").write_text(text)
+
     def set_status(self, status: str, error: str | None = None) -> None:
+        if not self.rank_zero:
+            return
         data: dict[str, Any] = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if error:
             data["error"] = error
         write_json(self.run_dir / "status.json", data)
 
     def finish(self, metrics: dict[str, Any]) -> None:
+        if not self.rank_zero:
+            return
         write_json(self.metrics_path, metrics)
         write_json(self.run_dir / "timings.json", {"wall_s": round(time.time() - self.started, 2)})
         self.set_status("done")

@@ -43,6 +43,10 @@ def register_resolvers() -> None:
         "tailtune_uid": lambda: secrets.token_hex(3),
         "tailtune_hash": lambda text: hashlib.sha1(str(text).encode()).hexdigest()[:8],
         "tailtune_gpu_precision": _gpu_precision,
+        # joblib's n_jobs=-1 means one job per core: each then gets one thread.
+        "tailtune_threads_per_job": lambda n_jobs: max(
+            1, (os.cpu_count() or 1) // (int(n_jobs) if int(n_jobs) > 0 else (os.cpu_count() or 1))
+        ),
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
@@ -53,9 +57,22 @@ class ConfigError(ValueError):
     """A config that cannot work; raised before anything heavy is imported."""
 
 
-def check_train_config(cfg: DictConfig) -> None:
+def _multi_process(trainer: Any) -> bool:
+    devices = trainer.get("devices", 1)
+    many = devices in (-1, "auto") or (isinstance(devices, int) and devices > 1)
+    return many or "ddp" in str(trainer.get("strategy", ""))
+
+
+def check_train_config(cfg: DictConfig, choices: dict[str, str] | None = None) -> None:
     """Range and file checks that need no torch. Names are checked by Hydra itself."""
     problems: list[str] = []
+    launcher = (choices or {}).get("hydra/launcher", "basic")
+    if launcher in ("joblib", "submitit_local") and _multi_process(cfg.trainer):
+        problems.append(
+            f"DDP cannot run inside the {launcher} launcher (its ranks would re-launch the "
+            "worker process, not this job); use the basic launcher locally, or "
+            "launcher=submitit_slurm with one task per GPU"
+        )
     epochs = cfg.trainer.get("max_epochs")
     model = cfg.get("model") or {}
     data = cfg.get("data") or {}
@@ -88,6 +105,8 @@ def check_train_config(cfg: DictConfig) -> None:
     ckpt = cfg.get("ckpt_path")
     if ckpt not in (None, "auto") and not Path(ckpt).expanduser().is_file():
         problems.append(f"ckpt_path does not exist: {ckpt}")
+    if cfg.get("resume") not in (None, "auto", "never"):
+        problems.append(f"resume must be auto or null, got {cfg.get('resume')}")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -119,3 +138,25 @@ def readable_errors(fn: Callable[..., T]) -> Callable[..., T]:
             sys.exit(2)
 
     return wrapper
+
+
+def ddp_relaunch_as_single_run(output_dir: str) -> None:
+    """Make Lightning's DDP re-launch start *this job*, not the whole sweep.
+
+    Lightning starts each extra rank by re-running ``sys.argv`` plus
+    ``hydra.run.dir=<HydraConfig.run.dir>``. Inside a multirun, ``sys.argv`` holds the sweep
+    (``-m`` and comma lists) and ``run.dir`` is not the job's dir. Rewrite both to the job's
+    own overrides and dir, so every rank composes the same single-run config.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict, read_write
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = output_dir

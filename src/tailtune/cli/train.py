@@ -7,45 +7,65 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from tailtune.cli.config import CONFIG_PATH, check_train_config, readable_errors, register_resolvers
+from tailtune.cli.config import (
+    CONFIG_PATH,
+    check_train_config,
+    ddp_relaunch_as_single_run,
+    readable_errors,
+    register_resolvers,
+)
 
 register_resolvers()
 
 
-def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> float:
+def train(cfg: DictConfig, choices: dict[str, str] | None = None,
+          overrides: list[str] | None = None) -> float:
     """Fit and test one run; returns ``cfg.optimized_metric`` for sweepers."""
-    check_train_config(cfg)  # before torch is imported: bad input fails in a second
+    check_train_config(cfg, choices)  # before torch is imported: bad input fails in a second
     from rich.console import Console
-    from rich.syntax import Syntax
 
     from tailtune import pipeline
-    from tailtune.run_record import RunRecord
+    from tailtune.run_record import RunRecord, finished_metrics
 
     console = Console(stderr=True)
     run_dir = Path(cfg.paths.output_dir)
-    record = RunRecord(run_dir)
-    record.start({"choices": choices or {}})
+    done = finished_metrics(run_dir)
+    if done is not None:  # a finished run is never overwritten
+        if cfg.get("resume") != "auto":
+            raise FileExistsError(f"{run_dir} already holds a finished run; pass resume=auto "
+                                  "to skip it, or choose another hydra.run.dir")
+        console.print(f"[yellow]skipping finished run[/] {run_dir}")
+        return pipeline.optimized_value(done, cfg.optimized_metric)
+
+    record = RunRecord(run_dir, rank_zero=pipeline.is_rank_zero())
+    record.start({"choices": choices or {}, "overrides": overrides or []})
     try:
-        pipeline.save_config(cfg, run_dir)
-        console.print(Syntax(pipeline.config_yaml(cfg), "yaml", background_color="default"))
+        pipeline.reset_process_state(cfg)  # joblib reuses worker processes between jobs
+        record.save_config(pipeline.config_yaml(cfg))
+        console.print(pipeline.config_tree(cfg))
+
         datamodule, model = pipeline.build_experiment(cfg)
         datamodule.print_summary(console)
         trainer = pipeline.build_trainer(
-            cfg, run_dir, pipeline.training_callbacks(cfg, datamodule))
+            cfg, run_dir, pipeline.training_callbacks(cfg, datamodule),
+            pipeline.build_loggers(cfg, run_name=pipeline.run_name(overrides)))
         pipeline.log_hyperparameters(trainer, pipeline.hyperparameters(cfg, choices or {}))
 
+        ddp_relaunch_as_single_run(str(run_dir))
         trainer.fit(model, datamodule=datamodule,
-                    ckpt_path=pipeline.resume_checkpoint(cfg.get("ckpt_path"), run_dir))
+                    ckpt_path=pipeline.resume_checkpoint(cfg.get("ckpt_path"), run_dir,
+                                                         auto=cfg.get("resume") == "auto"))
         metrics = pipeline.final_metrics(trainer, model, datamodule, test=cfg.get("test", True))
+        metrics["overrides"] = overrides or []
         pipeline.write_test_artifacts(model, run_dir)
         pipeline.log_final_metrics(trainer, metrics)
     except BaseException as err:
         record.set_status("failed", f"{type(err).__name__}: {str(err).strip()[-300:]}")
         raise
-    if trainer.is_global_zero:
-        record.finish(metrics)
+    record.finish(metrics)
+    if record.rank_zero:
         console.print(f"[bold green]run dir:[/] {run_dir}")
-    return float(metrics["val"].get(cfg.optimized_metric.split("/", 1)[-1], float("nan")))
+    return pipeline.optimized_value(metrics, cfg.optimized_metric)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
@@ -53,7 +73,8 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> float:
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
-    return train(cfg, dict(HydraConfig.get().runtime.choices))
+    hydra_cfg = HydraConfig.get()
+    return train(cfg, dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task))
 
 
 if __name__ == "__main__":
