@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from filelock import FileLock
 from hydra.utils import instantiate
@@ -22,7 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from tailtune.callbacks import CheckpointConfig, EpochReseed, InterruptCheckpoint, SamplerEpoch
 from tailtune.data.datamodule import ImbalancedDataModule
+from tailtune.data.features import FeatureDataModule, extract_features
 from tailtune.data.info import DatasetInfo
+from tailtune.features import FeatureCache, FeatureExtractor
+from tailtune.imbalance.resampling import is_feature_space
+from tailtune.imbalance.samplers import ClassBalancedSampler, ShuffleSampler
 from tailtune.models.base import ClassifierModule
 
 HP_METRICS = ("val/bal_acc", "test/bal_acc", "test/macro_f1", "test/acc")
@@ -32,7 +37,7 @@ HP_METRICS = ("val/bal_acc", "test/bal_acc", "test/macro_f1", "test/acc")
 def build_datamodule(cfg: DictConfig) -> ImbalancedDataModule:
     """Instantiate and set up the datamodule; set-up (downloads, decoding) runs under a lock,
     so concurrent ranks or sweep jobs do it once, one after another."""
-    sampler = instantiate(cfg.sampler) if cfg.get("sampler") else None
+    sampler = index_sampler(cfg, instantiate(cfg.sampler) if cfg.get("sampler") else None)
     transform = instantiate(cfg.transforms) if cfg.get("transforms") else None  # train only
     datamodule = instantiate(cfg.data, sampler=sampler, seed=cfg.get("seed", 0),
                              train_transform=transform)
@@ -74,6 +79,8 @@ def build_loss(cfg: DictConfig, datamodule: ImbalancedDataModule) -> torch.nn.Mo
 
 
 def build_model(cfg: DictConfig, info: DatasetInfo, loss: torch.nn.Module) -> ClassifierModule:
+    if is_feature_model(cfg):
+        return feature_model(cfg, info, loss, *build_extractor(cfg))
     backbone, preprocess, identity = instantiate(cfg.backbone)
     return instantiate(cfg.model)(
         backbone=backbone, preprocess=preprocess, backbone_identity=identity, info=info,
@@ -86,7 +93,113 @@ def build_experiment(cfg: DictConfig) -> tuple[ImbalancedDataModule, ClassifierM
     from the seeded RNG, so equal seeds give equal models)."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
+    if is_feature_model(cfg):
+        return build_feature_experiment(cfg, datamodule)
     return datamodule, build_model(cfg, datamodule.info, build_loss(cfg, datamodule))
+
+
+# -- frozen-feature models (linear probe, decoupled) -----------------------------------------
+def is_feature_model(cfg: DictConfig) -> bool:
+    """Models that train on a frozen backbone's features say how to serve them (model.features)."""
+    return "features" in (cfg.get("model") or {})
+
+
+def index_sampler(cfg: DictConfig, factory: Any) -> Any:
+    """The training sampler the image datamodule gets.
+
+    A feature-space resampler (SMOTE, ...) is refused under a model that trains on images, and
+    left to the feature datamodule under a frozen-feature one. cRT and LWS retrain with
+    class-balanced sampling, so with ``sampler=none`` they get it.
+    """
+    if is_feature_space(factory):
+        if not is_feature_model(cfg):
+            name = str(cfg.sampler.get("_target_", "")).rsplit(".", 1)[-1]
+            raise ValueError(
+                f"{name} resamples feature vectors (imbalanced-learn needs them to find "
+                "neighbours), which exist only for a frozen backbone: use model=linear_probe or "
+                "model=decoupled, or an index sampler (over, under, weighted, class_balanced) "
+                "with this model")
+        return None
+    from tailtune.models.decoupled import BALANCED_SAMPLING_METHODS
+
+    model = cfg.get("model") or {}
+    plain = factory is None or getattr(factory, "func", factory) is ShuffleSampler
+    if plain and model.get("class_balanced") and model.get("method") in BALANCED_SAMPLING_METHODS:
+        return ClassBalancedSampler
+    return factory
+
+
+def build_extractor(cfg: DictConfig) -> tuple[FeatureExtractor, dict[str, Any]]:
+    """The frozen feature extractor, and for ``model=decoupled`` the source head: both from
+    the fine-tuned ``model.init_from`` checkpoint (whose weights the cache key hashes)."""
+    spec = cfg.model.features
+    extra: dict[str, Any] = {}
+    if "init_from" in cfg.model:
+        from tailtune.models.decoupled import source_parts
+
+        if not cfg.model.init_from:
+            raise ValueError("model=decoupled needs model.init_from=PATH of a model=finetune "
+                             "checkpoint")
+        source = read_checkpoint(cfg.model.init_from)
+        backbone, preprocess, extra["source_head"] = source_parts(model_from_checkpoint(source))
+        identity = {"name": source["tailtune"]["config"]["backbone"]["name"],
+                    "weights": "fine-tuned checkpoint"}
+    else:
+        backbone, preprocess, identity = instantiate(cfg.backbone)
+    return FeatureExtractor(backbone, preprocess, identity, spec.layer, spec.dtype), extra
+
+
+def feature_model(cfg: DictConfig, info: DatasetInfo, loss: torch.nn.Module,
+                  extractor: FeatureExtractor, extra: dict[str, Any]) -> ClassifierModule:
+    node = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k != "features"])
+    return instantiate(node)(extractor=extractor, info=info, loss=loss, **extra)
+
+
+def extraction_device(cfg: DictConfig) -> str:
+    device = str(cfg.model.features.get("device", "auto"))
+    if device != "auto":
+        return device
+    if cfg.trainer.get("accelerator") == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+
+
+def build_feature_experiment(cfg: DictConfig, images: ImbalancedDataModule
+                             ) -> tuple[L.LightningDataModule, ClassifierModule]:
+    """A frozen-feature model and its data: cached features (each split extracted once), or
+    with ``model.features.cache=false`` or augmentation, images through the backbone each step.
+    The probe's feature preprocessing is fitted on the training features only."""
+    spec = cfg.model.features
+    if cfg.model.get("init_from"):
+        check_same_split(read_checkpoint(cfg.model.init_from), images.info)
+    extractor, extra = build_extractor(cfg)
+    resampler = instantiate(cfg.sampler) if cfg.get("sampler") else None
+    resampler = resampler if is_feature_space(resampler) else None
+    augmented = getattr(images, "train_transform", None) is not None
+    if augmented and spec.cache:
+        warnings.warn("training augmentation changes the features every epoch: the probe runs "
+                      "the backbone every step instead of reading the feature cache",
+                      stacklevel=2)
+    cached = bool(spec.cache) and not augmented
+    if resampler is not None and not cached:
+        raise ValueError("feature-space samplers resample cached training features: they need "
+                         "model.features.cache=true and transforms=none")
+    device = extraction_device(cfg)
+    if cached:
+        data: Any = FeatureDataModule(
+            images, extractor, FeatureCache(spec.cache_dir), batch_size=spec.batch_size,
+            eval_batch_size=spec.eval_batch_size, extract_batch_size=spec.extract_batch_size,
+            resampler=resampler, device=device)
+        data.setup("fit")
+        train_features = data.split_features("train")[0]
+    else:
+        data = images
+        train_features = extract_features(images.datasets["train"], extractor,
+                                          spec.extract_batch_size, device)[0]
+    model = feature_model(cfg, data.info, build_loss(cfg, data), extractor, extra)
+    if model.needs_feature_transform:
+        model.fit_feature_transform(train_features)
+    return data, model
 
 
 # -- trainer ----------------------------------------------------------------------------------
@@ -176,16 +289,19 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> ClassifierModule:
     """Rebuild the module a checkpoint was trained as, and load its weights.
 
     The backbone is built without downloading or reading weights (``weights=none``): the
-    checkpoint's state dict holds them.
+    checkpoint's state dict holds them. A frozen-feature model's checkpoint holds no backbone
+    weights: its backbone is rebuilt from the config, and must hash as it did in training.
     """
     meta = checkpoint["tailtune"]
     cfg = OmegaConf.create(meta["config"])
-    cfg.backbone.weights = "none"
-    cfg.backbone.weights_path = None
+    if not is_feature_model(cfg):
+        cfg.backbone.weights = "none"
+        cfg.backbone.weights_path = None
     info = DatasetInfo.from_dict(meta["dataset_info"])
     loss = instantiate(cfg.loss)(class_counts=list(info.class_counts))
     model = build_model(cfg, info, loss)
     model.load_state_dict(checkpoint["state_dict"], strict=True)
+    model.on_load_checkpoint(checkpoint)  # lets a model refuse weights it was not trained on
     return model
 
 
@@ -260,9 +376,16 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: Path, auto: bool = False) 
 
 def final_metrics(trainer: L.Trainer, model: ClassifierModule,
                   datamodule: ImbalancedDataModule, test: bool = True) -> dict[str, Any]:
-    """Val (and test) metrics of the best checkpoint, from full single passes."""
+    """Val (and test) metrics of the best checkpoint, from full single passes.
+
+    A model with post-hoc steps (``model.posthoc``, tau-norm) has them tuned on the best
+    checkpoint's validation predictions, then stored in that checkpoint, so eval and predict
+    reuse them; the metrics before the adjustment are reported under ``posthoc.before``.
+    """
     callback = trainer.checkpoint_callback
     best = callback.best_model_path if callback is not None and callback.best_model_path else None
+    if model.posthoc_steps:
+        model.collect_val_outputs()
     trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)
     metrics: dict[str, Any] = {
         "val": dict(model.val_results),
@@ -270,6 +393,19 @@ def final_metrics(trainer: L.Trainer, model: ClassifierModule,
         "epochs_trained": trainer.current_epoch,
         "dataset": datamodule.info.to_dict(),
     }
+    if model.posthoc_steps:
+        before = {"val": dict(model.val_results)}
+        logits, targets = model.take_val_outputs()
+        if test:
+            model.test_stage = "test_before_posthoc"
+            trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+            before["test"] = dict(model.test_results)
+            model.test_stage = "test"
+        metrics["posthoc"] = {**model.fit_posthoc(logits, targets), "before": before}
+        if best:
+            trainer.save_checkpoint(best)
+        trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+        metrics["val"] = dict(model.val_results)
     if test:
         trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
         metrics["test"] = dict(model.test_results)
@@ -279,8 +415,15 @@ def final_metrics(trainer: L.Trainer, model: ClassifierModule,
 def write_test_artifacts(model: ClassifierModule, run_dir: Path) -> None:
     from tailtune.metrics import write_confusion_csv
 
-    if model.test_confusion is not None and model.trainer.is_global_zero:
+    if not model.trainer.is_global_zero:
+        return
+    if model.test_confusion is not None:
         write_confusion_csv(model.test_confusion, model.class_names, run_dir / "test_confusion.csv")
+    if model.test_predictions is not None and model.test_predictions[0] is not None:
+        # Per-sample predictions: tailtune-compare bootstraps confidence intervals from them.
+        targets, probs = model.test_predictions
+        np.savez_compressed(run_dir / "test_predictions.npz", targets=targets.numpy(),
+                            probs=probs.numpy(), class_names=np.array(model.class_names))
 
 
 def log_final_metrics(trainer: L.Trainer, metrics: dict[str, Any]) -> None:

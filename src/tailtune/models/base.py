@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -12,12 +13,19 @@ from torch import Tensor, nn
 from tailtune.data.info import DatasetInfo
 from tailtune.metrics import ImbalancedClassificationMetrics, confusion_figure
 
+POSTHOC_STEPS = ("logit_adjust", "bias", "temperature")
+
 
 class ClassifierModule(L.LightningModule):
     """Base class: subclasses implement ``forward(images) -> logits`` and the optimizer.
 
     ``images`` are unnormalised ``[0, 1]`` tensors; each model resizes and normalises them
     itself, so checkpoints carry their own preprocessing.
+
+    Post-hoc adjustment: val/test/predict logits are ``(z - tau log prior + b) / T``. ``tau``
+    starts at ``logit_adjust_tau``, ``b`` at 0 and ``T`` at 1; the steps named in ``posthoc``
+    (``logit_adjust``, ``bias``, ``temperature``) are tuned on validation predictions after
+    training (:meth:`fit_posthoc`). All three are buffers, so checkpoints carry them.
     """
 
     def __init__(
@@ -29,6 +37,7 @@ class ClassifierModule(L.LightningModule):
         few_threshold: int = 20,
         confusion_every_n_epochs: int = 5,
         log_figures: bool = True,
+        posthoc: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.info = info
@@ -38,11 +47,21 @@ class ClassifierModule(L.LightningModule):
         self.log_figures = log_figures
         counts = torch.tensor(info.class_counts, dtype=torch.float32).clamp_min(1.0)
         self.register_buffer("log_prior", (counts / counts.sum()).log(), persistent=False)
+        self.posthoc = self._posthoc_steps(posthoc)
+        self.register_buffer("posthoc_tau", torch.tensor(float(logit_adjust_tau)))
+        self.register_buffer("posthoc_bias", torch.zeros(info.num_classes))
+        self.register_buffer("posthoc_temperature", torch.tensor(1.0))
+        # Checkpoints from before these buffers existed load with their defaults.
+        self.register_load_state_dict_pre_hook(_default_posthoc_state)
+        self.test_stage = "test"  # the log prefix of test metrics
+        self._val_outputs: list[tuple[Tensor, Tensor]] | None = None
         self.val_metrics = self._metrics(many_threshold, few_threshold)
         self.test_metrics = self._metrics(many_threshold, few_threshold)
         self.val_results: dict[str, float] = {}
         self.test_results: dict[str, float] = {}
         self.test_confusion: Tensor | None = None
+        self.test_predictions: tuple[Tensor, Tensor] | None = None
+        self._test_outputs: list[tuple[Tensor, Tensor]] = []
 
     def _metrics(self, many: int, few: int) -> ImbalancedClassificationMetrics:
         return ImbalancedClassificationMetrics(
@@ -50,17 +69,29 @@ class ClassifierModule(L.LightningModule):
             many_threshold=many, few_threshold=few,
         )
 
+    @staticmethod
+    def _posthoc_steps(posthoc: str | Sequence[str] | None) -> tuple[str, ...]:
+        steps = [posthoc] if isinstance(posthoc, str) else list(posthoc or [])
+        steps = [s for s in steps if s not in ("none", None)]
+        unknown = [s for s in steps if s not in POSTHOC_STEPS]
+        if unknown:
+            raise ValueError(f"unknown model.posthoc step(s) {unknown}; valid: none, "
+                             f"{', '.join(POSTHOC_STEPS)} (or a list of them)")
+        return tuple(s for s in POSTHOC_STEPS if s in steps)  # applied in this order
+
     @property
     def class_names(self) -> tuple[str, ...]:
         return self.info.class_names
 
     # -- inference ------------------------------------------------------------------------
+    def adjust_logits(self, logits: Tensor) -> Tensor:
+        """The post-hoc adjustment ``(z - tau log prior + b) / T`` of raw model outputs."""
+        z = logits - self.posthoc_tau.to(logits) * self.log_prior.to(logits)
+        return (z + self.posthoc_bias.to(logits)) / self.posthoc_temperature.to(logits)
+
     def eval_logits(self, images: Tensor) -> Tensor:
-        """Logits as reported at val/test time: with post-hoc logit adjustment if set."""
-        logits = self(images)
-        if self.logit_adjust_tau:
-            logits = logits - self.logit_adjust_tau * self.log_prior.to(logits.dtype)
-        return logits
+        """Logits as reported at val/test time: with the post-hoc adjustment."""
+        return self.adjust_logits(self(images))
 
     @torch.no_grad()
     def predict_images(self, images: Tensor) -> Tensor:
@@ -95,14 +126,22 @@ class ClassifierModule(L.LightningModule):
     # -- evaluation -----------------------------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, targets = batch
-        logits = self.eval_logits(images)
+        raw = self(images)
+        if self._val_outputs is not None:  # kept for fit_posthoc
+            self._val_outputs.append((raw.detach().float().cpu(), targets.cpu()))
+        logits = self.adjust_logits(raw)
         self.log("val/loss", self.criterion(logits, targets), on_epoch=True,
                  batch_size=len(targets), sync_dist=True)
         self.val_metrics.update(logits.float(), targets)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, targets = batch
-        self.test_metrics.update(self.eval_logits(images).float(), targets)
+        logits = self.eval_logits(images).float()
+        self.test_metrics.update(logits, targets)
+        self._test_outputs.append((targets.cpu(), logits.softmax(dim=1).cpu()))
+
+    def on_test_epoch_start(self) -> None:
+        self._test_outputs: list[tuple[Tensor, Tensor]] = []
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:  # sanity batches must not leak into epoch 0
@@ -119,9 +158,26 @@ class ClassifierModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.test_results = self.test_metrics.compute()
         self.test_confusion = self.test_metrics.confusion_matrix().cpu()
-        self.log_dict({f"test/{k}": v for k, v in self.test_results.items()})
-        self._log_confusion("test", self.test_confusion)
+        self.test_predictions = self._gather_predictions()
+        self.log_dict({f"{self.test_stage}/{k}": v for k, v in self.test_results.items()})
+        self._log_confusion(self.test_stage, self.test_confusion)
         self.test_metrics.reset()
+
+    def _gather_predictions(self) -> tuple[Tensor, Tensor]:
+        """Per-sample (targets, probabilities) of the whole test set, for bootstrap CIs;
+        gathered as objects because unpadded DDP shards differ in length."""
+        targets = torch.cat([t for t, _ in self._test_outputs]) if self._test_outputs else None
+        probs = torch.cat([p for _, p in self._test_outputs]) if self._test_outputs else None
+        if self.trainer.world_size > 1:
+            import torch.distributed as dist
+
+            shards: list = [None] * self.trainer.world_size
+            dist.all_gather_object(shards, (targets, probs))
+            shards = [s for s in shards if s[0] is not None]
+            targets = torch.cat([t for t, _ in shards])
+            probs = torch.cat([p for _, p in shards])
+        self._test_outputs = []
+        return targets, probs
 
     def _log_confusion(self, stage: str, matrix: Tensor) -> None:
         if not self.log_figures or self.trainer.global_rank != 0:
@@ -131,10 +187,84 @@ class ClassifierModule(L.LightningModule):
                 figure = confusion_figure(matrix.cpu(), self.info.class_names)
                 logger.experiment.add_figure(f"{stage}/confusion", figure, self.current_epoch)
 
+    # -- post-hoc adjustment ------------------------------------------------------------
+    @property
+    def posthoc_steps(self) -> tuple[str, ...]:
+        """What :meth:`fit_posthoc` tunes after training; empty: nothing to tune."""
+        return self.posthoc
+
+    def collect_val_outputs(self, on: bool = True) -> None:
+        """Keep the raw logits and targets of the next validation passes (for fit_posthoc)."""
+        self._val_outputs = [] if on else None
+
+    def take_val_outputs(self) -> tuple[Tensor, Tensor]:
+        """The collected raw logits and targets of the whole val set (gathered from all DDP
+        ranks, whose unpadded shards differ in length); stops collecting."""
+        outputs, self._val_outputs = self._val_outputs or [], None
+        logits = torch.cat([z for z, _ in outputs]) if outputs else torch.empty(0)
+        targets = torch.cat([t for _, t in outputs]) if outputs else torch.empty(0)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            import torch.distributed as dist
+
+            shards: list = [None] * self.trainer.world_size
+            dist.all_gather_object(shards, (logits, targets))
+            logits = torch.cat([z for z, t in shards if len(t)])
+            targets = torch.cat([t for z, t in shards if len(t)])
+        return logits, targets.long()
+
+    @torch.no_grad()
+    def fit_posthoc(self, logits: Tensor, targets: Tensor) -> dict[str, Any]:
+        """Tune the ``posthoc`` steps on raw validation logits (model outputs before any
+        adjustment), in order: logit-adjustment tau and per-class bias for balanced accuracy,
+        then the temperature for NLL. Stores them in the buffers; returns a report with the
+        validation balanced accuracy, ECE and NLL before and after."""
+        from tailtune.imbalance import adjust
+
+        logits, targets = logits.float().cpu(), targets.long().cpu()
+        log_prior = self.log_prior.float().cpu()
+        report: dict[str, Any] = {"steps": list(self.posthoc),
+                                  "val_before": _calibration(self.adjust_logits(logits), targets)}
+        tau = float(self.posthoc_tau)
+        if "logit_adjust" in self.posthoc:
+            tau, _ = adjust.tune_logit_adjustment(logits, targets, log_prior)
+        z = logits - tau * log_prior
+        bias = adjust.tune_class_bias(z, targets) if "bias" in self.posthoc \
+            else self.posthoc_bias.float().cpu()
+        z = z + bias
+        temperature = adjust.fit_temperature(z, targets) if "temperature" in self.posthoc \
+            else float(self.posthoc_temperature)
+        self.posthoc_tau.fill_(tau)
+        self.posthoc_bias.copy_(bias)
+        self.posthoc_temperature.fill_(temperature)
+        report.update({"logit_adjust_tau": tau, "class_bias": [float(b) for b in bias],
+                       "temperature": temperature,
+                       "val_after": _calibration(self.adjust_logits(logits), targets)})
+        return report
+
     # -- checkpoint contract --------------------------------------------------------------
     def checkpoint_metadata(self) -> dict[str, Any]:
         """Plain data describing the model; subclasses add what they own."""
-        return {"dataset_info": self.info.to_dict(), "logit_adjust_tau": self.logit_adjust_tau}
+        return {
+            "dataset_info": self.info.to_dict(),
+            "logit_adjust_tau": float(self.posthoc_tau),
+            "posthoc": {"steps": list(self.posthoc), "tau": float(self.posthoc_tau),
+                        "bias": [float(b) for b in self.posthoc_bias],
+                        "temperature": float(self.posthoc_temperature)},
+        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint.setdefault("tailtune", {}).update(self.checkpoint_metadata())
+
+
+def _calibration(logits: Tensor, targets: Tensor) -> dict[str, float]:
+    from tailtune.imbalance import adjust
+
+    return {"bal_acc": adjust.balanced_accuracy(logits, targets),
+            "ece": adjust.expected_calibration_error(logits, targets),
+            "nll": adjust.negative_log_likelihood(logits, targets)}
+
+
+def _default_posthoc_state(module: ClassifierModule, state_dict: dict[str, Tensor], prefix: str,
+                           *args: Any) -> None:
+    for name in ("posthoc_tau", "posthoc_bias", "posthoc_temperature"):
+        state_dict.setdefault(prefix + name, getattr(module, name).detach().clone())

@@ -1,0 +1,66 @@
+"""tailtune-compare SWEEP_DIR [...]: one table, CSV, Markdown and plots for a sweep."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | None = None,
+            n_boot: int = 1000) -> Path:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tailtune.report import compare as agg
+    from tailtune.report import plots
+    from tailtune.report.runs import find_runs
+
+    runs = [run for d in sweep_dirs for run in find_runs(d)]
+    if not runs:
+        raise FileNotFoundError(f"no runs found under {', '.join(map(str, sweep_dirs))}")
+    summaries = sorted(agg.summarize(runs, n_boot=n_boot),
+                       key=lambda s: -s.mean.get(sort_by, float("-inf")))
+    common = agg.strip_common_overrides(summaries)
+    unfinished = [r for r in runs if r.status != "done"]
+    out = Path(out_dir or sweep_dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
+
+    title = f"{len(summaries)} configs, {len(runs)} runs, sorted by test {sort_by}"
+    table = Table(title=title + (f"\nall runs: {','.join(common)}" if common else ""))
+    shown = [0, 1, 2, 3, 4, 7, 8, len(agg.HEADER) - 1]  # the full set is in the CSV/Markdown
+    for i in shown:
+        table.add_column(agg.HEADER[i], overflow="fold")
+    for row in agg.table_rows(summaries):
+        table.add_row(*(row[i] for i in shown))
+    console = Console()
+    console.print(table)
+    for run in unfinished:
+        console.print(f"[yellow]{run.status}[/] {run.path}" + (f": {run.error}" if run.error else ""))
+
+    agg.write_csv(summaries, out / "comparison.csv")
+    agg.write_markdown(summaries, unfinished, out / "comparison.md", sort_by)
+    if summaries:
+        plots.balanced_accuracy_plot(summaries, out / "comparison_bal_acc.png")
+        plots.recall_heatmap(summaries, out / "comparison_recall.png")
+        plots.shot_bars(summaries, out / "comparison_shots.png")
+    console.print(f"[bold green]written:[/] {out}/comparison.{{md,csv}} and comparison_*.png")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tailtune-compare", description=__doc__)
+    parser.add_argument("sweep_dirs", nargs="+", type=Path, help="multirun dirs (or run dirs)")
+    parser.add_argument("--sort-by", default="bal_acc", help="test metric to sort by")
+    parser.add_argument("--out", type=Path, default=None, help="output dir (default: the first)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    args = parser.parse_args(argv)
+    try:
+        compare(args.sweep_dirs, args.sort_by, args.out, args.bootstrap)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"tailtune-compare: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

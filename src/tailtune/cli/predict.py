@@ -1,0 +1,100 @@
+"""tailtune-predict ckpt_path=PATH input=DIR|GLOB|FILE.csv: class probabilities as a CSV.
+
+Each file is decoded exactly as the checkpoint's training data was (``data.image_size``,
+``data.resize``), and scored with the model's own post-hoc logit adjustment, so predictions
+on a split's files agree with ``tailtune-eval`` on that split. Unreadable files get a row with
+an ``error`` and no prediction; they do not stop the run.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from tailtune.cli.config import CONFIG_PATH, readable_errors, register_resolvers
+
+register_resolvers()
+
+
+def predict(cfg: DictConfig) -> dict:
+    """Write the predictions CSV; returns the run's summary (also its metrics.json)."""
+    import torch
+    from rich.progress import Progress
+    from torch.utils.data import DataLoader
+
+    from tailtune import pipeline
+    from tailtune.data.folders import list_inputs
+    from tailtune.data.images import ImageFiles
+    from tailtune.run_record import RunRecord
+
+    checkpoint = pipeline.read_checkpoint(cfg.ckpt_path)
+    files, labels = list_inputs(str(cfg.input))
+    run_dir = Path(cfg.paths.output_dir)
+    output = Path(cfg.output).expanduser() if cfg.get("output") else run_dir / "predictions.csv"
+    record = RunRecord(run_dir)
+    record.start({"ckpt_path": str(cfg.ckpt_path), "input": str(cfg.input)})
+    try:
+        device = cfg.device if cfg.device != "auto" else (
+            "cuda" if torch.cuda.is_available() else "cpu")
+        model = pipeline.model_from_checkpoint(checkpoint).to(device).eval()
+        resize = checkpoint["tailtune"]["config"].get("data", {}).get("resize", "squash")
+        dataset = ImageFiles(files, model.info.image_size, resize)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+        probs = torch.full((len(files), len(model.class_names)), float("nan"))
+        errors = [""] * len(files)
+        with Progress(transient=True) as progress:
+            task = progress.add_task("predicting", total=len(files))
+            for images, index, error in loader:
+                readable = torch.tensor([not e for e in error], dtype=torch.bool)
+                if readable.any():
+                    probs[index[readable]] = model.predict_images(images[readable]).cpu()
+                for i, e in zip(index.tolist(), error, strict=True):
+                    errors[i] = e
+                progress.advance(task, len(index))
+        summary = write_predictions(output, files, probs, errors, model.class_names, labels)
+    except BaseException as err:
+        record.set_status("failed", f"{type(err).__name__}: {str(err).strip()[-300:]}")
+        raise
+    summary.update({"ckpt_path": str(cfg.ckpt_path), "input": str(cfg.input)})
+    record.finish(summary)
+    unreadable = f", {summary['unreadable']} unreadable (see its error column)" \
+        if summary["unreadable"] else ""
+    accuracy = f", accuracy {summary['accuracy']:.4f}" if "accuracy" in summary else ""
+    print(f"{summary['predicted']} images predicted{unreadable}{accuracy}: {output}")
+    return summary
+
+
+def write_predictions(output: Path, files: list[Path], probs, errors: list[str],
+                      class_names: tuple[str, ...], labels: list[str] | None) -> dict:
+    """``path[,label],pred,prob_<class>...,error`` rows, in input order."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    predicted = probs.argmax(dim=1).tolist()
+    correct = 0
+    with output.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", *(["label"] if labels else []), "pred",
+                         *(f"prob_{name}" for name in class_names), "error"])
+        for i, path in enumerate(files):
+            ok = not errors[i]
+            pred = class_names[predicted[i]] if ok else ""
+            correct += bool(ok and labels and labels[i] == pred)
+            writer.writerow([str(path), *([labels[i]] if labels else []), pred,
+                             *(f"{p:.6f}" if ok else "" for p in probs[i].tolist()), errors[i]])
+    n_ok = sum(not e for e in errors)
+    summary = {"predictions": str(output), "predicted": n_ok, "unreadable": len(files) - n_ok}
+    if labels and n_ok:
+        summary["accuracy"] = correct / n_ok
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
+@readable_errors
+def main(cfg: DictConfig) -> None:
+    predict(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Reading runs and comparing them: tables, confidence intervals and plots of a sweep."""

@@ -1,0 +1,70 @@
+"""PNG plots of a sweep comparison (matplotlib's object API: no global pyplot state)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from tailtune.report.compare import SHOTS, ConfigSummary
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    FigureCanvasAgg(figure)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def balanced_accuracy_plot(summaries: list[ConfigSummary], path: Path) -> Path:
+    """Mean test balanced accuracy per config: std over seeds as error bars, the bootstrap
+    CI (test-set noise) as a grey band."""
+    figure = Figure(figsize=(8, 0.35 * len(summaries) + 1.5))
+    ax = figure.add_subplot()
+    y = np.arange(len(summaries))
+    means = [s.mean.get("bal_acc", np.nan) for s in summaries]
+    for i, s in enumerate(summaries):
+        if s.ci:
+            ax.plot(s.ci, [i, i], color="0.75", linewidth=6, solid_capstyle="butt")
+    ax.errorbar(means, y, xerr=[s.std.get("bal_acc", 0.0) for s in summaries], fmt="o",
+                capsize=3, color="C0")
+    ax.set_yticks(y, [f"{s.key} (n={s.n})" for s in summaries], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("test balanced accuracy (mean ± std over seeds; grey: 95% bootstrap CI)")
+    return _save(figure, path)
+
+
+def recall_heatmap(summaries: list[ConfigSummary], path: Path) -> Path:
+    """Mean per-class test recall, configs × classes."""
+    classes = sorted({k.split("/", 1)[1] for s in summaries for k in s.mean
+                      if k.startswith("recall/")}, key=lambda c: (len(c), c))
+    grid = np.array([[s.mean.get(f"recall/{c}", np.nan) for c in classes] for s in summaries])
+    figure = Figure(figsize=(max(6, 0.4 * len(classes) + 3), 0.35 * len(summaries) + 1.5))
+    ax = figure.add_subplot()
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 20 else 0,
+                  fontsize=7)
+    ax.set_yticks(range(len(summaries)), [s.key for s in summaries], fontsize=7)
+    ax.set_xlabel("class (training order)")
+    figure.colorbar(image, ax=ax, label="test recall")
+    return _save(figure, path)
+
+
+def shot_bars(summaries: list[ConfigSummary], path: Path) -> Path:
+    """Many / medium / few-shot accuracy per config (groups with no class are left out)."""
+    shots = [s for s in SHOTS if any(s in c.mean for c in summaries)]
+    figure = Figure(figsize=(8, 0.35 * len(summaries) + 1.5))
+    ax = figure.add_subplot()
+    y = np.arange(len(summaries))
+    height = 0.8 / max(1, len(shots))
+    for j, shot in enumerate(shots):
+        ax.barh(y + j * height, [c.mean.get(shot, np.nan) for c in summaries], height,
+                label=shot.replace("_acc", ""))
+    ax.set_yticks(y + height * (len(shots) - 1) / 2, [s.key for s in summaries], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("test accuracy within the shot group")
+    ax.legend(loc="lower right", fontsize=7)
+    return _save(figure, path)

@@ -1,0 +1,87 @@
+"""Find the runs under a dir and read what each left: status, overrides, metrics."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SEED_KEYS = ("seed",)
+
+
+@dataclass
+class Run:
+    path: Path
+    status: str  # done | failed | running | unknown
+    overrides: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def config_key(self) -> str:
+        """The run's overrides without the seed: runs differing only in seed are one config."""
+        kept = [o for o in self.overrides if o.split("=", 1)[0].lstrip("+~") not in SEED_KEYS
+                and not o.startswith("hydra.")]
+        return ",".join(sorted(kept)) or "(defaults)"
+
+    @property
+    def seed(self) -> str:
+        for o in self.overrides:
+            key, _, value = o.partition("=")
+            if key.lstrip("+~") in SEED_KEYS:
+                return value
+        return str(self.metrics.get("seed", ""))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _overrides(run_dir: Path, metrics: dict[str, Any]) -> list[str]:
+    if metrics.get("overrides") is not None:
+        return list(metrics["overrides"])
+    hydra_file = run_dir / ".hydra" / "overrides.yaml"
+    if hydra_file.is_file():
+        return list(yaml.safe_load(hydra_file.read_text()) or [])
+    return list(_read_json(run_dir / "run.json").get("overrides", []))
+
+
+def metrics_from_events(run_dir: Path) -> dict[str, Any]:
+    """Last value of each scalar in the run's TensorBoard events: the fallback for runs
+    without metrics.json (still running, or crashed)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[str, float]] = {}
+    for events in sorted(run_dir.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags().get("scalars", []):
+            stage, _, key = tag.partition("/")
+            if stage in ("val", "test") and key:
+                out.setdefault(stage, {})[key] = accumulator.Scalars(tag)[-1].value
+        break  # one event dir per run
+    return out
+
+
+def find_runs(root: Path) -> list[Run]:
+    """Every run dir under ``root`` (a sweep dir, or a dir of runs), finished or not."""
+    root = Path(root)
+    candidates = {p.parent for p in root.rglob("status.json")}
+    candidates |= {p.parent.parent for p in root.rglob(".hydra/overrides.yaml")}
+    runs = []
+    for run_dir in sorted(candidates):
+        status = _read_json(run_dir / "status.json")
+        metrics = _read_json(run_dir / "metrics.json")
+        state = status.get("status", "unknown" if not metrics else "done")
+        if state != "done" or not metrics.get("test"):
+            fallback = metrics_from_events(run_dir)
+            metrics = {**fallback, **metrics}
+        runs.append(Run(run_dir, state, _overrides(run_dir, metrics), metrics,
+                        status.get("error", "")))
+    return runs
