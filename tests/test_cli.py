@@ -119,7 +119,7 @@ def test_ddp_sim_two_processes_end_with_identical_weights_and_one_run_dir(tmp_pa
         "tailtune-train", "debug=smoke", "trainer=ddp_sim", "trainer.max_epochs=2",
         "model.unfreeze_at=1", "sampler=over", "trainer.limit_test_batches=null",
         "data.test_fraction=0.2505",  # 451 test images: an odd count that padding would skew
-        "+callbacks.probe._target_=ddp_probe.WeightDigest", f"+callbacks.probe.out_dir={probe}",
+        "+callbacks.probe._target_=probes.WeightDigest", f"+callbacks.probe.out_dir={probe}",
         cwd=tmp_path, env={"PYTHONPATH": str(Path(__file__).parent)},
     )
     assert result.returncode == 0, result.stderr[-3000:]

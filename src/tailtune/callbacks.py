@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import signal
+import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -92,15 +96,54 @@ class CheckpointConfig(L.Callback):
         checkpoint.setdefault("tailtune", {})["config"] = self.config
 
 
-class InterruptCheckpoint(L.Callback):
-    """On SIGTERM (or Ctrl-C), save the current state before the process exits.
+class PreemptionCheckpoint(L.Callback):
+    """Save the current state when a run is about to be stopped, so it can resume.
 
-    Lightning turns SIGTERM into ``SIGTERMException``; ``resume=auto`` then picks the newest of
-    this file, ``last.ckpt`` and SLURM's ``hpc_ckpt_N.ckpt``.
+    - SIGTERM or Ctrl-C: Lightning raises ``SIGTERMException``/``KeyboardInterrupt``; the state
+      is saved from ``on_exception``.
+    - The cluster's requeue signal (``SIGUSR2``: submitit's sbatch ``--signal=USR2@delay``):
+      the handler only sets a flag; at the next batch end the state is saved, then the handler
+      that was there before runs (submitit's or Lightning's, which requeue the job), or, with
+      none, ``scontrol requeue $SLURM_JOB_ID`` and exit.
+
+    ``resume=auto`` (and a requeued SLURM job) picks the newest of this file, ``last.ckpt`` and
+    Lightning's ``hpc_ckpt_N.ckpt``.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, requeue_signal: str | None = "SIGUSR2") -> None:
         self.path = Path(path)
+        self.signum = getattr(signal, requeue_signal) if requeue_signal else None
+        self._previous: Any = None
+        self._pending: tuple[int, Any] | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.signum is None or threading.current_thread() is not threading.main_thread():
+            return
+        self._previous = signal.getsignal(self.signum)
+        signal.signal(self.signum, self._flag)
+
+    def _flag(self, signum: int, frame: Any) -> None:
+        self._pending = (signum, frame)  # act between steps, never inside one
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if self._pending is None:
+            return
+        signum, frame = self._pending
+        self._pending = None
+        trainer.save_checkpoint(self.path)
+        signal.signal(signum, self._previous or signal.SIG_DFL)
+        if callable(self._previous):
+            self._previous(signum, frame)  # submitit / Lightning: requeue, then exit
+            return
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and trainer.is_global_zero:
+            subprocess.call(["scontrol", "requeue", job])
+        raise SystemExit(f"stopped by signal {signum}; state saved to {self.path}")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.signum is not None and self._previous is not None:
+            signal.signal(self.signum, self._previous)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from tailtune.callbacks import CheckpointConfig, EpochReseed, InterruptCheckpoint, SamplerEpoch
+from tailtune.callbacks import CheckpointConfig, EpochReseed, PreemptionCheckpoint, SamplerEpoch
 from tailtune.data.datamodule import ImbalancedDataModule
 from tailtune.data.features import FeatureDataModule, extract_features
 from tailtune.data.info import DatasetInfo
@@ -236,7 +236,8 @@ def training_callbacks(cfg: DictConfig, datamodule: ImbalancedDataModule) -> lis
         EpochReseed(cfg.seed),
         SamplerEpoch(datamodule.train_sampler, datamodule.info.class_names),
         CheckpointConfig(config),
-        InterruptCheckpoint(Path(cfg.paths.output_dir) / "checkpoints" / "interrupted.ckpt"),
+        PreemptionCheckpoint(Path(cfg.paths.output_dir) / "checkpoints" / "interrupted.ckpt",
+                             cfg.get("requeue_signal")),
     ]
 
 
@@ -362,10 +363,11 @@ def run_name(overrides: list[str] | None) -> str:
 
 
 def resume_checkpoint(ckpt_path: str | None, run_dir: Path, auto: bool = False) -> str | None:
-    """An explicit path wins; with ``auto`` (or ``ckpt_path=auto``), the newest of the run dir's
-    last, interrupted and SLURM ``hpc_ckpt_*`` checkpoints, if any."""
+    """An explicit path wins; with ``auto`` (or ``ckpt_path=auto``, or in a requeued SLURM
+    job), the newest of the run dir's last, interrupted and ``hpc_ckpt_*`` checkpoints."""
     if ckpt_path not in (None, "auto"):
         return ckpt_path
+    auto = auto or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
     if not auto and ckpt_path != "auto":
         return None
     candidates = [run_dir / "checkpoints" / "last.ckpt",

@@ -106,7 +106,7 @@ class DecoupledModule(LinearProbeModule):
             raise ValueError("the source head reads the pooled pre-logits features; keep "
                              "model.features.layer=pre_logits")
         # The source head reads raw features: no standardisation or PCA in front of it.
-        super().__init__(extractor, info, loss, standardize=False, pca_dim=None, **probe_kwargs)
+        super().__init__(extractor, info, loss, standardize="none", pca_dim=None, **probe_kwargs)
         self.method = method
         self.init_from = init_from
         self.keep_bias = keep_bias

@@ -8,7 +8,13 @@ once per epoch, and every epoch trains only the head on ``[N, D]`` feature rows.
   ``tailtune.load``, predict, or training with augmentation) or cached features ``[N, D]``.
 - Feature preprocessing is fitted on the training features only (:meth:`fit_feature_transform`)
   and kept in buffers, so images and cached features go through the same standardisation and
-  optional PCA, and checkpoints carry it.
+  optional PCA, and checkpoints carry it. ``standardize``: ``global`` (the default) centres
+  the features and divides them all by one pooled standard deviation; ``feature`` z-scores
+  each feature; ``none`` leaves them raw. Why ``global``: pooled CNN features have many
+  near-constant channels, which per-feature z-scoring inflates to unit variance. On the
+  default data (digits, lite0 at 64 px, weighted CE, 15 epochs) the val balanced accuracy
+  was 0.877 with ``global``, 0.78 with ``feature``; ``global`` keeps the features' geometry
+  and still gives every backbone the same input scale, so one lr and weight decay fit all.
 - Checkpoints hold the head, those buffers and the backbone's identity (with a content hash of
   its weights), not the frozen backbone's weights: loading rebuilds the backbone from the
   config and refuses one whose hash differs.
@@ -33,6 +39,7 @@ from tailtune.models.schedules import WarmupCosine
 
 OptimizerFactory = Callable[[Iterable[dict[str, Any]]], torch.optim.Optimizer]
 EXTRACTOR = "extractor."
+STANDARDIZE = ("global", "feature", "none")
 
 
 def build_probe_head(in_features: int, num_classes: int, hidden_dim: int | None = None,
@@ -60,19 +67,28 @@ class LinearProbeModule(ClassifierModule):
         lr: float = 1e-2,
         hidden_dim: int | None = None,
         head_dropout: float = 0.0,
-        standardize: bool = True,
+        standardize: str | bool = "global",
         pca_dim: int | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: Any = None,
+        unfreeze_at: int | None = None,
         **base_kwargs: Any,
     ) -> None:
+        # unfreeze_at means nothing for a backbone that never trains; it is accepted so that
+        # presets written for fine-tuning (debug=smoke, experiment=quick) compose with a probe.
+        del unfreeze_at
         super().__init__(info=info, loss=loss, **base_kwargs)
         if pca_dim is not None and not 0 < pca_dim <= extractor.num_features:
             raise ValueError(f"model.pca_dim must be in [1, {extractor.num_features}] (the "
                              f"feature size), got {pca_dim}")
+        if isinstance(standardize, bool):  # true = the textbook per-feature z-score
+            standardize = "feature" if standardize else "none"
+        if standardize not in STANDARDIZE:
+            raise ValueError(f"unknown model.standardize '{standardize}'; valid: "
+                             f"{', '.join(STANDARDIZE)}")
         self.extractor = extractor
         self.lr = lr
-        self.standardize = bool(standardize)
+        self.standardize = standardize
         self.pca_dim = pca_dim
         dim = extractor.num_features
         self.register_buffer("feature_mean", torch.zeros(dim))
@@ -106,7 +122,7 @@ class LinearProbeModule(ClassifierModule):
     # -- feature preprocessing ------------------------------------------------------------
     @property
     def needs_feature_transform(self) -> bool:
-        return self.standardize or bool(self.pca_dim)
+        return self.standardize != "none" or bool(self.pca_dim)
 
     @torch.no_grad()
     def fit_feature_transform(self, features: Tensor) -> None:
@@ -116,8 +132,14 @@ class LinearProbeModule(ClassifierModule):
             raise ValueError(f"expected training features [N, {self.extractor.num_features}], "
                              f"got {tuple(x.shape)}")
         mean = x.mean(dim=0)
-        scale = x.std(dim=0, unbiased=False) if self.standardize else torch.ones_like(mean)
-        scale[scale < 1e-6] = 1.0  # constant (e.g. dead ReLU) features: centre only
+        var = x.var(dim=0, unbiased=False)
+        if self.standardize == "feature":
+            scale = var.sqrt()
+            scale[scale < 1e-6] = 1.0  # constant (e.g. dead ReLU) features: centre only
+        elif self.standardize == "global":
+            scale = var.mean().sqrt().clamp_min(1e-6).expand_as(mean)
+        else:
+            scale = torch.ones_like(mean)
         self.feature_mean.copy_(mean)
         self.feature_scale.copy_(scale)
         if self.pca_dim:

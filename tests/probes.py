@@ -1,9 +1,10 @@
-"""A callback that tests attach through Hydra (`+callbacks.probe._target_=ddp_probe.WeightDigest`)
-to see what each DDP rank ended with."""
+"""Callbacks that subprocess tests attach through Hydra, e.g.
+`+callbacks.probe._target_=probes.WeightDigest` with `PYTHONPATH=tests`."""
 
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import lightning as L
@@ -26,3 +27,13 @@ class WeightDigest(L.Callback):
         rank = trainer.global_rank
         (self.out_dir / f"full{rank}.txt").write_text(" ".join(map(str, inner)))
         (self.out_dir / f"shard{rank}.txt").write_text(" ".join(map(str, wrapper)))
+
+
+class SlowDown(L.Callback):
+    """Sleeps after every training batch, so a test can interrupt a run mid-epoch."""
+
+    def __init__(self, seconds: float = 0.5) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        time.sleep(self.seconds)

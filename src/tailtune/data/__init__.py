@@ -1,0 +1,1 @@
+"""Data sources, long-tail construction, splits and the datamodule."""

@@ -1,0 +1,234 @@
+"""Image files: decoding to RGB at a fixed size, checking them once, and decoding them once.
+
+Everything that reads an image file goes through :func:`decode_image`, so training, evaluation
+and ``tailtune-predict`` see exactly the same pixels for the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+RESIZE_MODES = ("squash", "center_crop")
+# Files an OS or a file manager leaves behind; never read.
+JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"})
+NOT_IMAGE = "not an image"
+DECODE_VERSION = "1"  # bump when decode_image's output changes, to invalidate decoded caches
+
+
+def is_junk(path: Path) -> bool:
+    """Hidden files (``.DS_Store``, AppleDouble ``._x.jpg``) and OS thumbnail databases."""
+    return path.name.startswith(".") or path.name.lower() in JUNK_NAMES
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: grayscale is repeated, palettes expanded, alpha dropped
+    (as torchvision's loader does), 16-bit and float grayscale scaled to 0..255."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.max(initial=0) > 255:  # 16-bit data (I;16 PNGs, TIFFs): 65535 -> 255
+            values = values / 257.0
+        gray = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # PIL warns when a transparent palette goes straight to RGB
+    return image.convert("RGB")
+
+
+def decode_image(path: str | Path, size: int, resize: str = "squash") -> np.ndarray:
+    """One file as uint8 ``[3, size, size]``.
+
+    ``squash`` resizes the whole image (aspect ratio not kept); ``center_crop`` resizes the
+    shorter side to ``size`` and crops the centre. EXIF orientation is applied.
+    """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"unknown data.resize '{resize}'; valid: {', '.join(RESIZE_MODES)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # EXIF and palette chatter, once per file
+        with Image.open(path) as image:
+            if image.format == "JPEG":
+                # DCT scaling: decode at 1/2..1/8 scale, still >= size; several times faster.
+                image.draft("RGB", (size, size))
+            image = to_rgb(ImageOps.exif_transpose(image))
+    if resize == "center_crop":
+        width, height = image.size
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)  # antialiased when shrinking
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+# The first bytes of the formats people keep images in: a file that starts like an image but
+# cannot be read is a broken image, not a stray non-image file.
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM",
+               b"II*\x00", b"MM\x00*", b"\x00\x00\x00\x0cjP  ")
+
+
+def _looks_like_image(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    return head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def check_image(path: Path) -> str | None:
+    """``None`` for a readable image, :data:`NOT_IMAGE` for a file that is not an image at
+    all (no image format claims it, and it does not start like one), else why the image cannot
+    be read (truncated, bad checksum, damaged header, empty, unreadable file).
+
+    ``verify`` checks the structure and checksums (PNG CRCs); ``load`` decodes every byte,
+    which is what catches a truncated JPEG. JPEGs decode at reduced scale: just as strict.
+    """
+    try:
+        if path.stat().st_size == 0:  # an interrupted copy or download
+            return "empty file" if path.suffix.lower() in Image.registered_extensions() \
+                else NOT_IMAGE
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                image.verify()
+            with Image.open(path) as image:
+                if image.format == "JPEG":
+                    image.draft("RGB", (64, 64))
+                image.load()
+    except UnidentifiedImageError:
+        return "damaged image header" if _looks_like_image(path) else NOT_IMAGE
+    except Exception as err:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError...
+        return f"{type(err).__name__}: {str(err).strip() or 'unreadable'}"
+    return None
+
+
+@dataclass
+class ScanResult:
+    """Which files are images, which are not, and which images are broken."""
+
+    images: list[Path] = field(default_factory=list)
+    not_images: list[Path] = field(default_factory=list)
+    bad: dict[Path, str] = field(default_factory=dict)
+
+
+def _workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))  # PIL releases the GIL while decoding
+
+
+def scan_images(paths: Sequence[Path], cache_file: Path | None = None,
+                check: Callable[[Path], str | None] = check_image) -> ScanResult:
+    """Check every file once; results are cached by (path, size, mtime) in ``cache_file``,
+    so a later run re-checks only new or changed files."""
+    cached: dict[str, list] = {}
+    if cache_file is not None and cache_file.is_file():
+        try:
+            cached = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cached = {}  # a damaged cache is only a cache
+    stats: dict[str, list[int]] = {}
+    for path in paths:
+        try:
+            stat = path.stat()
+            stats[str(path)] = [stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            stats[str(path)] = [-1, -1]
+    todo = [p for p in paths if cached.get(str(p), [None, None])[:2] != stats[str(p)]]
+    with ThreadPoolExecutor(_workers()) as pool:
+        for path, status in zip(todo, pool.map(check, todo), strict=True):
+            cached[str(path)] = [*stats[str(path)], status]
+    result = ScanResult()
+    for path in paths:
+        status = cached[str(path)][2]
+        if status is None:
+            result.images.append(path)
+        elif status == NOT_IMAGE:
+            result.not_images.append(path)
+        else:
+            result.bad[path] = status
+    if cache_file is not None and todo:
+        kept = {str(p): cached[str(p)] for p in paths}
+        _atomic_write(cache_file, json.dumps(kept).encode())
+    return result
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def decoded_cache_key(paths: Sequence[Path], size: int, resize: str) -> str:
+    """Names the decoded array: the files (path, size, mtime) and how they were decoded."""
+    digest = hashlib.sha256(f"{DECODE_VERSION}:{size}:{resize}".encode())
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"\0{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:24]
+
+
+def decode_all(paths: Sequence[Path], size: int, resize: str = "squash",
+               cache_dir: Path | None = None) -> np.ndarray:
+    """All files decoded once into uint8 ``[N, 3, size, size]``.
+
+    With ``cache_dir`` the array is written once as ``.npy`` and memory-mapped from then on:
+    later runs, DDP ranks and DataLoader workers share its pages instead of each decoding.
+    """
+    cache_file = None
+    if cache_dir is not None:
+        cache_file = Path(cache_dir) / "decoded" / f"{decoded_cache_key(paths, size, resize)}.npy"
+        if cache_file.is_file():
+            return np.load(cache_file, mmap_mode="r")
+    images = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+
+    def fill(item: tuple[int, Path]) -> None:
+        images[item[0]] = decode_image(item[1], size, resize)
+
+    with ThreadPoolExecutor(_workers()) as pool:
+        list(pool.map(fill, enumerate(paths)))
+    if cache_file is None:
+        return images
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(f".{cache_file.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, images)
+    os.replace(tmp, cache_file)
+    return np.load(cache_file, mmap_mode="r")
+
+
+class ImageFiles(Dataset):
+    """Files decoded on demand, for prediction: an unreadable file is reported, not raised.
+
+    Items are ``(image, index, error)``: a float ``[0, 1]`` image (zeros when unreadable), the
+    file's position, and ``""`` or the reason it could not be read.
+    """
+
+    def __init__(self, paths: Sequence[Path], size: int, resize: str = "squash") -> None:
+        self.paths = list(paths)
+        self.size = size
+        self.resize = resize
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        path = self.paths[index]
+        try:
+            if is_junk(path):
+                raise UnidentifiedImageError(NOT_IMAGE)
+            array = decode_image(path, self.size, self.resize)
+        except UnidentifiedImageError:
+            return torch.zeros(3, self.size, self.size), index, NOT_IMAGE
+        except Exception as err:  # noqa: BLE001 - any decoder failure becomes an error row
+            reason = f"{type(err).__name__}: {str(err).strip() or 'unreadable'}"
+            return torch.zeros(3, self.size, self.size), index, reason
+        return torch.from_numpy(array).float().div_(255.0), index, ""

@@ -1,0 +1,140 @@
+"""tailtune-predict: its inputs (folder, glob, CSV), unreadable files as error rows, and
+predictions that agree with tailtune-eval on the same images."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import compose_config, run_cli
+from tailtune.data.folders import list_inputs
+from tailtune.data.images import NOT_IMAGE, ImageFiles, decode_image
+from test_datasets import _truncated_jpeg, write_digit_folder, write_photo_folder
+
+
+def test_inputs_from_a_folder_a_glob_a_csv_or_one_file(tmp_path):
+    write_digit_folder(tmp_path / "d", {"a": {0: 2, 1: 2}})
+    (tmp_path / "d" / "a" / "1" / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / "d" / "a" / "1" / "notes.txt").write_text("x")
+    files, labels = list_inputs(str(tmp_path / "d"))
+    names = [str(p.relative_to(tmp_path / "d")) for p in files]
+    assert names == ["a/0/000.png", "a/0/001.png", "a/1/000.png", "a/1/001.png", "a/1/notes.txt"]
+    assert labels is None
+    files, _ = list_inputs(str(tmp_path / "d" / "**" / "00[1].png"))
+    assert [p.name for p in files] == ["001.png", "001.png"]
+    manifest = tmp_path / "m" / "list.csv"
+    manifest.parent.mkdir()
+    manifest.write_text("path,label\n../d/a/1/000.png,one\n../d/a/0/000.png,zero\n")
+    files, labels = list_inputs(str(manifest))
+    assert files == [tmp_path / "m/../d/a/1/000.png", tmp_path / "m/../d/a/0/000.png"]
+    assert labels == ["one", "zero"]
+    assert list_inputs(str(files[0]))[0] == [files[0]]
+    with pytest.raises(FileNotFoundError, match="input does not exist"):
+        list_inputs(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="matches no files"):
+        list_inputs(str(tmp_path / "*.webp"))
+
+
+def test_unreadable_inputs_become_errors_not_exceptions(tmp_path):
+    write_digit_folder(tmp_path, {"a": {3: 1}})
+    good = tmp_path / "a" / "3" / "000.png"
+    _truncated_jpeg(tmp_path / "cut.jpg")
+    (tmp_path / "notes.txt").write_text("not a picture")
+    dataset = ImageFiles([good, tmp_path / "cut.jpg", tmp_path / "notes.txt",
+                          tmp_path / "gone.png"], size=12)
+    image, index, error = dataset[0]
+    assert error == "" and index == 0
+    assert torch.equal(image, torch.from_numpy(decode_image(good, 12)).float() / 255)
+    assert dataset[1][2].startswith("OSError") and dataset[2][2] == NOT_IMAGE
+    assert dataset[3][2].startswith("FileNotFoundError")
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_predict_on_held_out_photos_agrees_with_eval(smoke_cfg, tmp_path):
+    from tailtune.cli.evaluate import evaluate
+    from tailtune.cli.train import train
+
+    root = tmp_path / "photos"
+    write_photo_folder(root, {"train": {"china": 24, "flower": 8},
+                              "val": {"china": 4, "flower": 3},
+                              "test": {"china": 6, "flower": 5}})
+    # 96 px: above the eager limit, so the photos are decoded per item from their files.
+    cfg, choices = smoke_cfg("data=image_folder", f"data.root={root}", "data.image_size=96",
+                             "model.logit_adjust_tau=1.0")
+    train(cfg, choices)
+    run_dir = Path(cfg.paths.output_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["dataset"]["class_counts"] == [24, 8]  # the folder's natural imbalance
+    best = run_dir / "checkpoints" / "best.ckpt"
+
+    # Predict decodes a file into exactly the pixels the datamodule served for it.
+    from tailtune.pipeline import build_datamodule
+
+    test_set = build_datamodule(cfg).datasets["test"]
+    as_predicted = ImageFiles(test_set.paths, 96, "squash")
+    for i in range(len(test_set)):
+        assert torch.equal(test_set[i][0], as_predicted[i][0])
+
+    eval_cfg, _ = compose_config("eval", [f"ckpt_path={best}", "debug=smoke",
+                                          "trainer.limit_test_batches=null"], tmp_path / "ev")
+    results = evaluate(eval_cfg)
+
+    held_out = tmp_path / "held_out"
+    shutil.copytree(root / "test", held_out)
+    _truncated_jpeg(held_out / "flower" / "cut.jpg")
+    (held_out / "flower" / "readme.txt").write_text("not a picture")
+    (held_out / ".DS_Store").write_bytes(b"\0")
+    output = tmp_path / "out" / "predictions.csv"
+    result = run_cli("tailtune-predict", f"ckpt_path={best}", f"input={held_out}",
+                     f"output={output}", "batch_size=4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = _read_rows(output)
+    assert len(rows) == 11 + 2  # the 11 test photos and the 2 unreadable files; no .DS_Store
+    errors = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
+    assert errors["cut.jpg"].startswith("OSError") and errors["readme.txt"] == NOT_IMAGE
+    scored = [r for r in rows if not r["error"]]
+    accuracy = np.mean([Path(r["path"]).parent.name == r["pred"] for r in scored])
+    assert accuracy == pytest.approx(results["test"]["acc"], abs=1e-9)
+    for row in scored:
+        probs = [float(row["prob_china"]), float(row["prob_flower"])]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert row["pred"] == ("china", "flower")[int(np.argmax(probs))]
+
+    # The stored post-hoc adjustment is applied: z - tau * log(prior), prior 24:8.
+    import tailtune
+
+    model = tailtune.load(str(best))
+    image = torch.from_numpy(decode_image(Path(scored[0]["path"]), 96)).float()[None] / 255
+    with torch.no_grad():
+        logits = model(image) - torch.log(torch.tensor([24 / 32, 8 / 32]))
+    expected = logits.softmax(dim=1)[0].tolist()
+    assert [float(scored[0]["prob_china"]), float(scored[0]["prob_flower"])] == pytest.approx(
+        expected, abs=1e-5)
+    # Its own run dir holds the record, and the default output lands there.
+    default = run_cli("tailtune-predict", f"ckpt_path={best}",
+                      f"input={held_out}/china/*.jpg", cwd=tmp_path)
+    assert default.returncode == 0, default.stderr[-2000:]
+    written = list((tmp_path / "logs").rglob("predictions.csv"))
+    assert len(written) == 1 and len(_read_rows(written[0])) == 6
+    summary = json.loads((written[0].parent / "metrics.json").read_text())
+    assert summary["predicted"] == 6 and summary["unreadable"] == 0
+
+
+@pytest.mark.slow
+def test_predict_reports_a_bad_checkpoint_in_one_line(tmp_path):
+    (tmp_path / "x.jpg").write_bytes(b"")
+    result = run_cli("tailtune-predict", f"ckpt_path={tmp_path / 'missing.ckpt'}",
+                     f"input={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "checkpoint does not exist" in result.stderr and "Traceback" not in result.stderr
