@@ -131,7 +131,6 @@ def test_predict_on_held_out_photos_agrees_with_eval(smoke_cfg, tmp_path):
     assert summary["predicted"] == 6 and summary["unreadable"] == 0
 
 
-@pytest.mark.slow
 def test_predict_reports_a_bad_checkpoint_in_one_line(tmp_path):
     (tmp_path / "x.jpg").write_bytes(b"")
     result = run_cli("tailtune-predict", f"ckpt_path={tmp_path / 'missing.ckpt'}",
