@@ -145,3 +145,22 @@ def test_ddp_sim_two_processes_end_with_identical_weights_and_one_run_dir(tmp_pa
 
 def _read(path: Path) -> list[int]:
     return [int(v) for v in path.read_text().split()]
+
+
+def test_user_config_dir_adds_options_and_per_launcher_settings(tmp_path):
+    user = tmp_path / "my_configs"
+    (user / "loss").mkdir(parents=True)
+    (user / "loss" / "my_focal.yaml").write_text(
+        "_target_: tailtune.imbalance.losses.FocalLoss\n_partial_: true\ngamma: 3.0\n")
+    (user / "local" / "launcher").mkdir(parents=True)
+    (user / "local" / "launcher" / "submitit_slurm.yaml").write_text(
+        "# @package _global_\nhydra:\n  launcher:\n    partition: my_partition\n")
+    env = {"TAILTUNE_CONFIG_DIR": str(user)}
+    job = run_cli("tailtune-train", "loss=my_focal", "--cfg", "job", cwd=tmp_path, env=env)
+    assert job.returncode == 0, job.stderr
+    assert "gamma: 3.0" in job.stdout
+    slurm = run_cli("tailtune-train", "launcher=submitit_slurm", "--cfg", "hydra", cwd=tmp_path,
+                    env=env)
+    assert "partition: my_partition" in slurm.stdout
+    basic = run_cli("tailtune-train", "--cfg", "hydra", cwd=tmp_path, env=env)
+    assert basic.returncode == 0 and "my_partition" not in basic.stdout
