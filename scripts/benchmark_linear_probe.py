@@ -150,8 +150,8 @@ def main() -> None:
 
     print("\n== cached vs uncached (median wall time of a whole run) ==")
     for r in report["compare"]:
-        print(f"{r['size']:>7} px: uncached {r['uncached_s']:7.1f} s | cached {r['cached_s']:6.1f} s"
-              f" (cold, extracting: {r['cached_cold_s']:6.1f} s) | speed-up "
+        print(f"{r['size']:>7} px: uncached {r['uncached_s']:7.1f} s | cached "
+              f"{r['cached_s']:6.1f} s (cold, extracting: {r['cached_cold_s']:6.1f} s) | speed-up "
               f"{r['speedup']:5.1f}x warm, {r['speedup_cold']:5.1f}x cold")
         print(f"          test cached   {_fmt(r['test_cached'])}")
         print(f"          test uncached {_fmt(r['test_uncached'])}  "

@@ -122,7 +122,9 @@ def test_ddp_sim_inside_a_multirun_gives_one_dir_per_job(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = _job_dirs(sweep)
     assert len(jobs) == 2 and all((j / "metrics.json").is_file() for j in jobs)
-    assert not (tmp_path / "logs").exists()  # no stray run dir from a re-launched rank
+    assert not (tmp_path / "logs" / "runs").exists()  # no stray dir from a re-launched rank
+    for job in jobs:
+        assert (job / "train_ddp_process_1.log").is_file()  # rank 1 ran inside the job's dir
 
 
 def test_joblib_with_ddp_is_refused_clearly(tmp_path):
@@ -245,7 +247,7 @@ def test_submitit_slurm_config_renders_a_valid_sbatch_script(tmp_path, monkeypat
 
 
 def test_tensorboard_server_shows_every_run_with_hparams_and_final_metrics(basic_sweep):
-    from urllib.request import urlopen
+    from urllib.request import Request, urlopen
 
     port = 16000 + os.getpid() % 1000
     tensorboard = Path(sys.executable).with_name("tensorboard")
@@ -268,12 +270,26 @@ def test_tensorboard_server_shows_every_run_with_hparams_and_final_metrics(basic
         tags = json.loads(urlopen(f"{base}/data/plugin/scalars/tags", timeout=10).read())
         for run in runs:
             assert "hp/test/bal_acc" in tags[run] and "val/bal_acc" in tags[run]
-        hparams = json.loads(urlopen(f"{base}/data/plugin/hparams/experiment", data=json.dumps(
-            {"experimentName": ""}).encode(), timeout=10).read())
-        names = {h["name"] for h in hparams["hparamInfos"]}
+        def post(route: str, body: dict) -> dict:
+            request = Request(f"{base}/data/plugin/hparams/{route}", json.dumps(body).encode(),
+                              headers={"Content-Type": "application/json"})
+            return json.loads(urlopen(request, timeout=10).read())
+
+        experiment = post("experiment", {"experimentName": ""})
+        names = {h["name"] for h in experiment["hparamInfos"]}
         assert {"choice/sampler", "choice/loss", "model.lr", "seed"} <= names
-        metrics = {m["name"]["tag"] for m in hparams["metricInfos"]}
-        assert "hp/test/bal_acc" in metrics
+        assert "hp/test/bal_acc" in {m["name"]["tag"] for m in experiment["metricInfos"]}
+        groups = post("session_groups", {
+            "experimentName": "", "startIndex": 0, "sliceSize": 100,
+            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE",
+                                "STATUS_RUNNING"],
+            "colParams": [{"metric": {"tag": "hp/test/bal_acc"}}]})["sessionGroups"]
+        assert len(groups) == 4
+        for group in groups:  # the final metric, not the -1 placeholder of a crashed run
+            run_dir = basic_sweep / group["name"].split("/")[0]
+            value = next(m["value"] for m in group["metricValues"]
+                         if m["name"]["tag"] == "hp/test/bal_acc")
+            assert value == pytest.approx(_metrics(run_dir)["test"]["bal_acc"], abs=1e-6)
     finally:
         server.terminate()
         server.wait(30)

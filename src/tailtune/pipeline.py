@@ -171,6 +171,8 @@ def build_feature_experiment(cfg: DictConfig, images: ImbalancedDataModule
     The probe's feature preprocessing is fitted on the training features only."""
     spec = cfg.model.features
     if cfg.model.get("init_from"):
+        # Absolute, so the checkpoints (which rebuild the backbone from it) load from anywhere.
+        cfg.model.init_from = str(Path(cfg.model.init_from).expanduser().resolve())
         check_same_split(read_checkpoint(cfg.model.init_from), images.info)
     extractor, extra = build_extractor(cfg)
     resampler = instantiate(cfg.sampler) if cfg.get("sampler") else None
@@ -340,10 +342,26 @@ def is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
+# The DDP variables this process started with: a rank that Lightning started has them; the
+# launching process has not, but Lightning writes them into its environment while launching.
+_DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+_DDP_ENV_AT_START = {key: os.environ.get(key) for key in _DDP_ENV}
+
+
 def reset_process_state(cfg: DictConfig) -> None:
-    """State that leaks between jobs when a launcher reuses worker processes (joblib/loky)."""
+    """State that leaks from one job of a sweep into the next one run in the same process
+    (the basic launcher, joblib's reused workers): threads, the process group, DDP env."""
+    for key, value in _DDP_ENV_AT_START.items():
+        if value is None:
+            os.environ.pop(key, None)  # else the next DDP job thinks its ranks already exist
+        else:
+            os.environ[key] = value
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Lightning leaves the previous job's process group up; a new DDP job would reuse it
+        # and talk to ranks that have exited.
+        torch.distributed.destroy_process_group()
     torch.use_deterministic_algorithms(bool(cfg.trainer.get("deterministic")), warn_only=True)
 
 

@@ -17,6 +17,7 @@ verified entries and read them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -63,16 +64,27 @@ def _local_rank() -> int:
 
 
 def dataset_identity(images: ImbalancedDataModule) -> dict[str, Any]:
-    """What the images are: the source's own fingerprint if it has one (e.g. a file list with
-    sizes and mtimes), else its type and plain settings plus the dataset name."""
+    """What the images are: the source's own fingerprint if it has one (e.g. a digest of its
+    arrays, or of a file list with sizes and mtimes); else its type, plain settings and the
+    split fingerprint (which covers the dataset's file-list digest), plus the size and mtime
+    of every file the datamodule reads lazily."""
     source = images.source
-    hook = getattr(source, "fingerprint", None) or getattr(source, "identity", None)
+    hook = getattr(source, "fingerprint", None)
     if callable(hook):
         return {"source": hook()}
     params = {k: v for k, v in vars(source).items()
               if not k.startswith("_") and isinstance(v, (str, int, float, bool, type(None)))}
-    return {"source": f"{type(source).__module__}.{type(source).__qualname__}",
-            "params": params, "name": images.info.name}
+    identity: dict[str, Any] = {
+        "source": f"{type(source).__module__}.{type(source).__qualname__}", "params": params,
+        "name": images.info.name, "split_fingerprint": images.info.split_fingerprint}
+    files = sorted({str(p) for d in images.datasets.values() for p in getattr(d, "paths", [])})
+    if files:
+        digest = hashlib.sha256()
+        for path in files:
+            stat = os.stat(path)
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        identity["files"] = digest.hexdigest()[:32]
+    return identity
 
 
 def transform_identity(images: ImbalancedDataModule) -> dict[str, Any]:
@@ -82,6 +94,7 @@ def transform_identity(images: ImbalancedDataModule) -> dict[str, Any]:
     return {
         "datamodule": f"{type(images).__module__}.{type(images).__qualname__}",
         "image_size": int(images.image_size),
+        "resize": getattr(images, "resize", None),
         "transform": hook() if callable(hook) else "uint8-resize-bilinear-antialias",
     }
 
@@ -182,12 +195,13 @@ class FeatureDataModule(L.LightningDataModule):
                      self.cache.root, hits, len(self.cache_report) - hits, total)
 
     def key_parts(self, split: str) -> dict[str, Any]:
-        """Everything that changes a split's features; its hash is the cache key."""
+        """Everything that changes a split's features; its hash is the cache key. The rows
+        are named by their indices, not the split's name, so a val split that is the test
+        split (``data.val_fraction=0``) shares its entry."""
         return {
             "extractor": self.extractor.identity(),
             "dataset": dataset_identity(self.images),
             "transform": transform_identity(self.images),
-            "split": split,
             "indices": indices_sha256(self.images.split_indices[split]),
         }
 

@@ -133,7 +133,7 @@ class FeatureResampler(Sampler[int]):
         random_state = int(np.random.default_rng([self.seed, epoch]).integers(2**31 - 1))
         try:
             x, y = self._build(random_state).fit_resample(self.features, self.labels)
-        except ValueError as err:
+        except (ValueError, RuntimeError) as err:  # ADASYN raises RuntimeError on some data
             raise ValueError(
                 f"{type(self).__name__}: imbalanced-learn rejected {self.params or 'the defaults'}"
                 f" for training class counts {self.class_counts.tolist()}: {err}") from err

@@ -155,7 +155,7 @@ class LinearProbeModule(ClassifierModule):
 
     def head_input(self, features: Tensor) -> Tensor:
         """Cached/extracted features -> what the head sees (standardised, projected)."""
-        x = features.float()
+        x = features.to(self.feature_mean.dtype)  # float32, or the module's "true" precision
         if self.needs_feature_transform:
             x = (x - self.feature_mean) / self.feature_scale
         if self.pca_dim:
