@@ -10,7 +10,7 @@ ARGS   ?=
 $(BIN)/tailtune-train: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev,optuna]"
 	touch $@
 
 install: $(BIN)/tailtune-train

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from tailtune.cli.config import CONFIG_PATH, register_resolvers
@@ -32,6 +33,7 @@ def compose_config(name: str, overrides: list[str], output_dir: Path) -> tuple[D
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(name, overrides=overrides, return_hydra_config=True)
     choices = {k: v for k, v in cfg.hydra.runtime.choices.items()}
+    HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations resolve, as in a run
     with open_dict(cfg):
         del cfg.hydra
         cfg.paths.output_dir = str(output_dir)

@@ -15,8 +15,8 @@ from conftest import CONFIG_DIR, compose_config, run_cli
 from tailtune.cli.evaluate import evaluate
 from tailtune.cli.train import train
 
-GROUPS = ["data", "backbone", "model", "sampler", "loss", "trainer", "logger", "callbacks",
-          "debug", "experiment"]
+GROUPS = ["data", "transforms", "backbone", "model", "sampler", "loss", "trainer", "logger",
+          "callbacks", "launcher", "debug", "experiment", "hparams_search"]
 
 
 def _options(group: str) -> list[str]:
@@ -26,6 +26,8 @@ def _options(group: str) -> list[str]:
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_option_of_every_group_composes(group, tmp_path):
     assert _options(group), f"configs/{group} is empty"
+    if group == "hparams_search":
+        pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     for option in _options(group):
         cfg, choices = compose_config("train", [f"{group}={option}"], tmp_path / option)
         assert choices[group] == option

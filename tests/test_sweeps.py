@@ -293,3 +293,18 @@ def test_tensorboard_server_shows_every_run_with_hparams_and_final_metrics(basic
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "sweep"
+    result = run_cli("tailtune-train", "-m", "hparams_search=optuna_imbalance", "debug=smoke",
+                     "trainer.max_epochs=5", "hydra.sweeper.n_trials=2",
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import yaml
+
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    values = [_metrics(j)["val"]["bal_acc"] for j in _job_dirs(sweep)]
+    assert len(values) == 2 and best["best_value"] == pytest.approx(max(values))
+    assert {"model.lr", "sampler", "loss"} <= set(best["best_params"])
