@@ -3,6 +3,7 @@ model stores them."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -136,3 +137,32 @@ def test_module_stores_the_tuned_adjustment_and_applies_it_everywhere():
 def test_unknown_posthoc_step_is_refused():
     with pytest.raises(ValueError, match="unknown model.posthoc"):
         SmallModule(_info(), posthoc="platt")
+
+
+def test_finetune_run_tunes_posthoc_on_val_and_its_checkpoint_carries_it(smoke_cfg):
+    from pathlib import Path
+
+    import tailtune
+    from tailtune.cli.train import train
+
+    cfg, choices = smoke_cfg("model.posthoc=[logit_adjust,bias,temperature]",
+                             "trainer.limit_val_batches=null")
+    train(cfg, choices)
+    run_dir = Path(cfg.paths.output_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    report = metrics["posthoc"]
+    assert report["steps"] == ["logit_adjust", "bias", "temperature"]
+    assert report["val_after"]["bal_acc"] >= report["val_before"]["bal_acc"]
+    assert report["val_after"]["nll"] <= report["val_before"]["nll"] + 1e-6
+    assert metrics["val"]["bal_acc"] == pytest.approx(report["val_after"]["bal_acc"], abs=1e-6)
+    assert "test" in report["before"] and "ece" in report["before"]["test"]
+    model = tailtune.load(str(run_dir / "checkpoints" / "best.ckpt"))
+    assert float(model.posthoc_tau) == pytest.approx(report["logit_adjust_tau"])
+    assert float(model.posthoc_temperature) == pytest.approx(report["temperature"], rel=1e-5)
+    assert model.posthoc_bias.tolist() == pytest.approx(report["class_bias"], abs=1e-6)
+    images = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        raw = model(images)
+    expected = ((raw - model.posthoc_tau * model.log_prior + model.posthoc_bias)
+                / model.posthoc_temperature).softmax(1)
+    assert torch.allclose(model.predict_images(images), expected, atol=1e-6)

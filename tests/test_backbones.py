@@ -27,7 +27,8 @@ def _packaged_model(name: str) -> torch.nn.Module:
 def test_mapped_weights_are_real_imagenet_weights_daisy():
     """The flower photo bundled with scikit-learn is ImageNet class 985, daisy."""
     model = _packaged_model("tf_efficientnet_lite0")
-    image = next(i for i, f in zip(load_sample_images().images, load_sample_images().filenames)
+    image = next(i for i, f in zip(load_sample_images().images, load_sample_images().filenames,
+                                        strict=True)
                  if f.endswith("flower.jpg"))
     x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255.0
     preprocess = Preprocess(224, (0.5,) * 3, (0.5,) * 3, "bicubic")

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIG_DIR, REPO, run_cli
+
+from conftest import CONFIG_DIR, run_cli
 
 pytestmark = pytest.mark.slow
 PROBES = {"PYTHONPATH": str(Path(__file__).parent)}

@@ -75,7 +75,8 @@ class Preprocess(nn.Module):
     ) -> None:
         super().__init__()
         self.image_size = int(image_size)
-        self.interpolation = interpolation if interpolation in ("bilinear", "bicubic") else "bilinear"
+        resizable = interpolation in ("bilinear", "bicubic")
+        self.interpolation = interpolation if resizable else "bilinear"
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -204,7 +205,8 @@ def _load_headless(model: nn.Module, state: dict[str, Tensor], source: str) -> N
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[:3]
-        raise BackboneError(f"weights from {source} do not fit the model: {' '.join(first)}") from err
+        message = f"weights from {source} do not fit the model: {' '.join(first)}"
+        raise BackboneError(message) from err
 
 
 def create_backbone(

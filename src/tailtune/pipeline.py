@@ -377,7 +377,9 @@ def run_name(overrides: list[str] | None) -> str:
         return ""
     name = ",".join(o for o in overrides if not o.startswith("hydra."))
     name = name.replace("/", "∕").replace(os.sep, "∕")
-    return name if len(name) <= 120 else f"{name[:100]}…{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    if len(name) <= 120:
+        return name
+    return f"{name[:100]}…{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def resume_checkpoint(ckpt_path: str | None, run_dir: Path, auto: bool = False) -> str | None:
@@ -463,7 +465,8 @@ def check_same_split(checkpoint: dict[str, Any], info: DatasetInfo) -> None:
     if stored.class_names != info.class_names:
         raise ValueError(
             f"the checkpoint was trained on classes {list(stored.class_names)[:5]}..., "
-            f"but the data has {list(info.class_names)[:5]}...: a checkpoint from a different dataset"
+            f"but the data has {list(info.class_names)[:5]}...: "
+            "a checkpoint from a different dataset"
         )
     if stored.split_fingerprint != info.split_fingerprint:
         raise ValueError(

@@ -83,7 +83,8 @@ class RunRecord:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.set_status("running")
         write_json(self.run_dir / "run.json", {
-            "git": git_state(), "packages": package_versions(), "argv": sys.argv, "pid": os.getpid(),
+            "git": git_state(), "packages": package_versions(), "argv": sys.argv,
+            "pid": os.getpid(),
             "python": sys.version.split()[0], **(extra or {}),
         })
 

@@ -36,7 +36,8 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
     console = Console()
     console.print(table)
     for run in unfinished:
-        console.print(f"[yellow]{run.status}[/] {run.path}" + (f": {run.error}" if run.error else ""))
+        reason = f": {run.error}" if run.error else ""
+        console.print(f"[yellow]{run.status}[/] {run.path}{reason}")
 
     agg.write_csv(summaries, out / "comparison.csv")
     agg.write_markdown(summaries, unfinished, out / "comparison.md", sort_by)

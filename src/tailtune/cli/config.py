@@ -33,7 +33,8 @@ T = TypeVar("T")
 def _gpu_precision() -> str:
     import torch
 
-    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return "bf16-mixed" if bf16 else "16-mixed"
 
 
 def register_resolvers() -> None:

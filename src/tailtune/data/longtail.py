@@ -25,7 +25,8 @@ def long_tail_counts(
     if num_classes == 1:
         return [n_max]
     if profile == "exp":
-        return [int(n_max * imbalance_ratio ** (-i / (num_classes - 1))) for i in range(num_classes)]
+        k = num_classes - 1
+        return [int(n_max * imbalance_ratio ** (-i / k)) for i in range(num_classes)]
     half = num_classes // 2
     return [n_max if i < half else int(n_max / imbalance_ratio) for i in range(num_classes)]
 

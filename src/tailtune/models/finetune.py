@@ -63,7 +63,8 @@ class FineTuneModule(ClassifierModule):
             raise ValueError(f"model.backbone_lr_ratio must be >= 0, got {backbone_lr_ratio}")
         if bn_after_unfreeze not in BN_MODES:
             raise ValueError(
-                f"unknown model.bn_after_unfreeze '{bn_after_unfreeze}'; valid: {', '.join(BN_MODES)}"
+                f"unknown model.bn_after_unfreeze '{bn_after_unfreeze}'; "
+                f"valid: {', '.join(BN_MODES)}"
             )
         self.backbone = backbone
         self.preprocess = preprocess

@@ -26,7 +26,8 @@ class WarmupCosine:
         if t < warmup:
             return (t + 1) / warmup
         progress = min(1.0, (t - warmup) / max(1, end - start - warmup))
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine
 
 
 @dataclass(frozen=True)
