@@ -44,6 +44,9 @@ def register_resolvers() -> None:
         "tailtune_uid": lambda: secrets.token_hex(3),
         "tailtune_hash": lambda text: hashlib.sha1(str(text).encode()).hexdigest()[:8],
         "tailtune_gpu_precision": _gpu_precision,
+        # An epoch at a fraction of the run, e.g. LDAM-DRW's re-weighting at 80% (160 of 200).
+        "tailtune_epochs_fraction": lambda epochs, fraction: max(
+            0, int(round(float(epochs) * float(fraction)))),
         # joblib's n_jobs=-1 means one job per core: each then gets one thread.
         "tailtune_threads_per_job": lambda n_jobs: max(
             1, (os.cpu_count() or 1) // (int(n_jobs) if int(n_jobs) > 0 else (os.cpu_count() or 1))
