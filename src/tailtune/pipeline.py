@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ def build_datamodule(cfg: DictConfig) -> ImbalancedDataModule:
     lock_dir = Path(cfg.paths.cache_dir)
     lock_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock_dir / "data-setup.lock")):
-        datamodule.setup("fit")
+        # The datamodule builds the sampler from its partial: name a key it does not take.
+        call_factory(datamodule.setup, cfg.get("sampler") or {}, "sampler", stage="fit")
     return datamodule
 
 
@@ -75,17 +77,66 @@ def loss_class_counts(loss_factory: Any, datamodule: ImbalancedDataModule,
 def build_loss(cfg: DictConfig, datamodule: ImbalancedDataModule) -> torch.nn.Module:
     factory = instantiate(cfg.loss)
     counts = loss_class_counts(factory, datamodule, cfg.get("correct_prior_for_sampler", True))
-    return factory(class_counts=counts)
+    return call_factory(factory, cfg.loss, "loss", class_counts=counts)
 
 
 def build_model(cfg: DictConfig, info: DatasetInfo, loss: torch.nn.Module) -> ClassifierModule:
+    if str((cfg.get("model") or {}).get("_target_", "")).endswith("EnsembleModule"):
+        from tailtune.ensemble_pipeline import ensemble_from_config  # its members build here
+
+        return ensemble_from_config(cfg, info, loss)
     if is_feature_model(cfg):
         return feature_model(cfg, info, loss, *build_extractor(cfg))
     backbone, preprocess, identity = instantiate(cfg.backbone)
-    return instantiate(cfg.model)(
+    model = call_factory(
+        instantiate(module_config(cfg.model)), cfg.model, "model",
         backbone=backbone, preprocess=preprocess, backbone_identity=identity, info=info,
         loss=loss,
     )
+    return apply_speedups(model, cfg.model)
+
+
+# Model-config keys the pipeline applies itself; the module's constructor never sees them.
+PIPELINE_KEYS = ("features", "channels_last", "compile", "compile_backend")
+
+
+def module_config(node: DictConfig) -> DictConfig:
+    """The model node without :data:`PIPELINE_KEYS`."""
+    keys = [k for k in node if k not in PIPELINE_KEYS]
+    return node if len(keys) == len(node) else OmegaConf.masked_copy(node, keys)
+
+
+def call_factory(factory: Any, node: DictConfig, group: str, **kwargs: Any) -> Any:
+    """Call a config's partial. A key its class does not take (``+model.lrr=1``, as Hydra
+    suggests for a typo) is a config error named as such, not a TypeError traceback."""
+    try:
+        return factory(**kwargs)
+    except TypeError as err:
+        match = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if match is None or match.group(1) not in node:
+            raise
+        target = str(node.get("_target_", "")).rsplit(".", 1)[-1]
+        raise ValueError(f"{group}.{match.group(1)} is not a setting of {target}; check its "
+                         "spelling, or remove it") from err
+
+
+def _channels_last(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
+    return output.contiguous(memory_format=torch.channels_last) if output.dim() == 4 else output
+
+
+def apply_speedups(model: ClassifierModule, node: DictConfig) -> ClassifierModule:
+    """The model's GPU switches, in this one place: ``model.channels_last`` (NHWC weights and
+    inputs: faster convolutions under bf16 on tensor cores) and ``model.compile``
+    (``torch.compile`` of the module's forward with ``model.compile_backend``). Neither
+    changes parameter names, so checkpoints are the same with and without them."""
+    if node.get("channels_last"):
+        model.to(memory_format=torch.channels_last)
+        preprocess = getattr(model, "preprocess", None)
+        if isinstance(preprocess, torch.nn.Module):  # images leave it NHWC
+            preprocess.register_forward_hook(_channels_last)
+    if node.get("compile"):
+        model.compile(backend=node.get("compile_backend") or "inductor")
+    return model
 
 
 def build_experiment(cfg: DictConfig) -> tuple[ImbalancedDataModule, ClassifierModule]:
@@ -151,8 +202,9 @@ def build_extractor(cfg: DictConfig) -> tuple[FeatureExtractor, dict[str, Any]]:
 
 def feature_model(cfg: DictConfig, info: DatasetInfo, loss: torch.nn.Module,
                   extractor: FeatureExtractor, extra: dict[str, Any]) -> ClassifierModule:
-    node = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k != "features"])
-    return instantiate(node)(extractor=extractor, info=info, loss=loss, **extra)
+    model = call_factory(instantiate(module_config(cfg.model)), cfg.model, "model",
+                         extractor=extractor, info=info, loss=loss, **extra)
+    return apply_speedups(model, cfg.model)
 
 
 def extraction_device(cfg: DictConfig) -> str:
@@ -431,7 +483,27 @@ def final_metrics(trainer: L.Trainer, model: ClassifierModule,
     if test:
         trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
         metrics["test"] = dict(model.test_results)
+    metrics["best_checkpoint"] = publish_best_checkpoint(trainer, best)
     return metrics
+
+
+BEST_CHECKPOINT = "best.ckpt"
+
+
+def publish_best_checkpoint(trainer: L.Trainer, path: str | None) -> str | None:
+    """Give the best checkpoint its final name, ``best.ckpt``, once it has been tested.
+
+    While training it is ``best_so_far.ckpt`` (configs/callbacks/default.yaml), so a run that
+    fails (a NaN loss in epoch 5) or is killed never leaves a ``best.ckpt`` that looks like a
+    finished run's result; resume reads ``last.ckpt``, whose callback state names the
+    in-progress file. Rank zero renames, after every rank has tested.
+    """
+    if not path:
+        return path
+    final = Path(path).with_name(BEST_CHECKPOINT)
+    if final != Path(path) and trainer.is_global_zero:
+        os.replace(path, final)
+    return str(final)
 
 
 def write_test_artifacts(model: ClassifierModule, run_dir: Path) -> None:

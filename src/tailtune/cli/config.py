@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -111,14 +113,68 @@ def check_train_config(cfg: DictConfig, choices: dict[str, str] | None = None) -
         problems.append(f"ckpt_path does not exist: {ckpt}")
     if cfg.get("resume") not in (None, "auto", "never"):
         problems.append(f"resume must be auto or null, got {cfg.get('resume')}")
+    problems.extend(unwritable_dirs(cfg))
     if problems:
         raise ConfigError("; ".join(problems))
 
 
-def _one_line(err: BaseException) -> str:
-    """The root cause's message: Hydra's InstantiationException wraps the real error."""
-    while err.__cause__ is not None and type(err).__name__ == "InstantiationException":
+def _unwritable(path: str | Path) -> str | None:
+    """Why ``path`` cannot be created or written to, or None if it can."""
+    folder = Path(path).expanduser().absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"no permission to write in {existing}"
+    return None
+
+
+def unwritable_dirs(cfg: DictConfig) -> list[str]:
+    """The run's writable dirs (logs, the data-setup lock and caches), checked before any
+    work: else the run fails minutes later, on the first write."""
+    paths = cfg.get("paths") or {}
+    dirs = {"paths.log_dir": paths.get("log_dir"), "paths.cache_dir": paths.get("cache_dir")}
+    features = (cfg.get("model") or {}).get("features") or {}
+    if features.get("cache"):
+        dirs["model.features.cache_dir"] = features.get("cache_dir")
+    problems = []
+    for key, path in dirs.items():
+        reason = _unwritable(path) if path else None
+        if reason:
+            problems.append(f"{key}={path} is not writable ({reason}); point it to a "
+                            "writable folder")
+    return problems
+
+
+class EarlyChecks(Callback):
+    """Hydra callback: refuse unwritable dirs before Hydra creates the run dir in them
+    (Hydra's own error there is a stack trace)."""
+
+    def _check(self, config: DictConfig) -> None:
+        problems = unwritable_dirs(config)
+        if problems and os.environ.get("TAILTUNE_DEBUG") != "1":
+            print(f"tailtune: error: {'; '.join(problems)}", file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """Hydra's InstantiationException wraps the real error (e.g. a BackboneError)."""
+    while err.__cause__ is not None and isinstance(err, InstantiationException):
         err = err.__cause__
+    return err
+
+
+def _one_line(err: BaseException) -> str:
+    """The root cause's message."""
+    err = _root_cause(err)
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0] if type(err).__name__ == "InstantiationException" else text
 
@@ -130,12 +186,11 @@ def readable_errors(fn: Callable[..., T]) -> Callable[..., T]:
     def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return fn(*args, **kwargs)
-        except (ValueError, OSError, FloatingPointError, LookupError, RuntimeError) as err:
+        except (ValueError, OSError, FloatingPointError, LookupError, RuntimeError,
+                InstantiationException) as err:
             if os.environ.get("TAILTUNE_DEBUG") == "1":
                 raise
-            from hydra.errors import InstantiationException
-
-            if isinstance(err, RuntimeError) and not isinstance(err, InstantiationException):
+            if isinstance(_root_cause(err), RuntimeError):
                 raise  # a real bug: keep the traceback
             print(f"tailtune: error: {_one_line(err)}", file=sys.stderr)
             print("(set TAILTUNE_DEBUG=1 to see the traceback)", file=sys.stderr)

@@ -17,6 +17,8 @@ def evaluate(cfg: DictConfig) -> dict:
     from tailtune import pipeline
     from tailtune.run_record import RunRecord
 
+    if (cfg.get("model") or {}).get("_target_"):  # model=ensemble model.checkpoints=[...]
+        return evaluate_ensemble(cfg)
     checkpoint = pipeline.read_checkpoint(cfg.ckpt_path)
     run_cfg = OmegaConf.create(checkpoint["tailtune"]["config"])
     run_cfg.paths = cfg.paths  # this eval's own dirs, not the training run's
@@ -39,6 +41,28 @@ def evaluate(cfg: DictConfig) -> dict:
         record.set_status("failed", f"{type(err).__name__}: {str(err).strip()[-300:]}")
         raise
     results.update({"ckpt_path": str(cfg.ckpt_path), "dataset": datamodule.info.to_dict()})
+    record.finish(results)
+    print(f"run dir: {run_dir}")
+    return results
+
+
+def evaluate_ensemble(cfg: DictConfig) -> dict:
+    """Assemble an ensemble from trained runs' checkpoints (no retraining): fit the combiner
+    on validation, report test; writes metrics.json and the ensemble's own checkpoint."""
+    from tailtune import ensemble_pipeline
+    from tailtune.run_record import RunRecord
+
+    if not ensemble_pipeline.is_ensemble(cfg):
+        raise ValueError("tailtune-eval builds only model=ensemble (from model.checkpoints); "
+                         "evaluate a single model with ckpt_path=PATH")
+    run_dir = Path(cfg.paths.output_dir)
+    record = RunRecord(run_dir)
+    record.start({"checkpoints": [str(c) for c in cfg.model.get("checkpoints") or []]})
+    try:
+        results = ensemble_pipeline.assemble_from_checkpoints(cfg, run_dir)
+    except BaseException as err:
+        record.set_status("failed", f"{type(err).__name__}: {str(err).strip()[-300:]}")
+        raise
     record.finish(results)
     print(f"run dir: {run_dir}")
     return results

@@ -24,7 +24,7 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
     check_train_config(cfg, choices)  # before torch is imported: bad input fails in a second
     from rich.console import Console
 
-    from tailtune import pipeline
+    from tailtune import ensemble_pipeline, pipeline
     from tailtune.run_record import RunRecord, finished_metrics
 
     console = Console(stderr=True)
@@ -44,21 +44,27 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
         record.save_config(pipeline.config_yaml(cfg))
         console.print(pipeline.config_tree(cfg))
 
-        datamodule, model = pipeline.build_experiment(cfg)
-        datamodule.print_summary(console)
-        trainer = pipeline.build_trainer(
-            cfg, run_dir, pipeline.training_callbacks(cfg, datamodule),
-            pipeline.build_loggers(cfg, run_name=pipeline.run_name(overrides)))
-        pipeline.log_hyperparameters(trainer, pipeline.hyperparameters(cfg, choices or {}))
+        if ensemble_pipeline.is_ensemble(cfg):  # members, then a combiner fitted on val
+            metrics = ensemble_pipeline.fit_ensemble(cfg, run_dir, choices or {},
+                                                     overrides or [])
+        else:
+            datamodule, model = pipeline.build_experiment(cfg)
+            datamodule.print_summary(console)
+            trainer = pipeline.build_trainer(
+                cfg, run_dir, pipeline.training_callbacks(cfg, datamodule),
+                pipeline.build_loggers(cfg, run_name=pipeline.run_name(overrides)))
+            pipeline.log_hyperparameters(trainer, pipeline.hyperparameters(cfg, choices or {}))
 
-        ddp_relaunch_as_single_run(str(run_dir))
-        trainer.fit(model, datamodule=datamodule,
-                    ckpt_path=pipeline.resume_checkpoint(cfg.get("ckpt_path"), run_dir,
-                                                         auto=cfg.get("resume") == "auto"))
-        metrics = pipeline.final_metrics(trainer, model, datamodule, test=cfg.get("test", True))
-        metrics["overrides"] = overrides or []
-        pipeline.write_test_artifacts(model, run_dir)
-        pipeline.log_final_metrics(trainer, metrics)
+            resume_from = pipeline.resume_checkpoint(cfg.get("ckpt_path"), run_dir,
+                                                     auto=cfg.get("resume") == "auto")
+            if resume_from:  # another dataset's or split's checkpoint would resume silently
+                pipeline.check_same_split(pipeline.read_checkpoint(resume_from), datamodule.info)
+            ddp_relaunch_as_single_run(str(run_dir))
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+            metrics = pipeline.final_metrics(trainer, model, datamodule, test=cfg.get("test", True))
+            metrics["overrides"] = overrides or []
+            pipeline.write_test_artifacts(model, run_dir)
+            pipeline.log_final_metrics(trainer, metrics)
     except BaseException as err:
         record.set_status("failed", f"{type(err).__name__}: {str(err).strip()[-300:]}")
         if isinstance(err, SystemExit) and not err.code:  # Lightning's SIGTERM exit is code 0
