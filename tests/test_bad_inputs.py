@@ -255,6 +255,14 @@ def test_nan_loss_stops_the_run_naming_epoch_and_batch(cli, tmp_path):
     assert status["status"] == "failed" and "epoch 1, batch 1" in status["error"]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()  # resumable, but not "best"
 
+    # Resumed without the fault, it finishes, and only then holds best.ckpt.
+    cfg, choices = compose_config("train", ["debug=smoke", "resume=auto"], run_dir)
+    train_cli.train(cfg, choices)
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert not (run_dir / "checkpoints" / "best_so_far.ckpt").exists()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["best_checkpoint"] == str(run_dir / "checkpoints" / "best.ckpt")
+
 
 def test_resuming_from_a_checkpoint_of_another_dataset_is_refused(cli, tmp_path,
                                                                   folder_checkpoint):

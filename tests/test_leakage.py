@@ -40,7 +40,8 @@ def _assert_disjoint(dm: ImbalancedDataModule, keys: list[Any] | None = None) ->
     """No index (or file) in two splits; ``keys`` maps a source index to its identity."""
     seen: dict[Any, str] = {}
     for split in SPLITS:
-        ids = dm.split_indices[split] if keys is None else [keys[i] for i in dm.split_indices[split]]
+        indices = dm.split_indices[split]
+        ids = list(indices) if keys is None else [keys[i] for i in indices]
         assert len(set(ids)) == len(ids), f"{split} holds an image twice"
         for item in ids:
             assert item not in seen, f"{item} is in both {seen[item]} and {split}"

@@ -498,8 +498,10 @@ def publish_best_checkpoint(trainer: L.Trainer, path: str | None) -> str | None:
     finished run's result; resume reads ``last.ckpt``, whose callback state names the
     in-progress file. Rank zero renames, after every rank has tested.
     """
-    if not path:
-        return path
+    callback = trainer.checkpoint_callback
+    dirpath = getattr(callback, "dirpath", None)
+    if not path or not dirpath or Path(path).parent != Path(dirpath):
+        return path  # e.g. the best of another run this one resumed from: not ours to rename
     final = Path(path).with_name(BEST_CHECKPOINT)
     if final != Path(path) and trainer.is_global_zero:
         os.replace(path, final)

@@ -1,0 +1,402 @@
+"""tailtune's benchmark suite: every scenario in one process, ratios rather than absolute
+times (absolute times are noisy on a shared machine), a table plus JSON.
+
+    .venv/bin/python scripts/benchmark.py            # the full suite (about 15-25 min on 2 cores)
+    .venv/bin/python scripts/benchmark.py --quick    # a short version of each scenario
+    .venv/bin/python scripts/benchmark.py --only overhead memory --out /tmp/bench
+
+Scenarios and their goals:
+
+- overhead: a fine-tune training step through tailtune's Lightning module (its Trainer,
+  callbacks and logger) vs a plain PyTorch loop on a copy of the same model, the same loader
+  and batch size. Steady-state step time (batch end to batch end, data loading included),
+  median over interleaved repeats. Goal: <= 1.05x.
+- cache: a linear probe with cached features vs the backbone run every step, whole runs,
+  interleaved (scripts/benchmark_linear_probe.py's functions).
+- sweep: a 4 samplers x 5 losses linear-probe sweep on the default data with the feature
+  cache warm, through the console script, with the basic and the joblib launcher.
+  Goal: the whole sweep in <= 10 minutes.
+- memory: peak memory of the default training run (the console script, default config):
+  the main process's RSS plus the PSS of its data-loader workers, sampled from
+  /proc/<pid>/smaps_rollup in a thread. Goal: <= 3 GiB.
+"""
+
+from __future__ import annotations
+
+import os
+
+# torch and scikit-learn each bring an OpenMP runtime; spin-waiting pools stall each other on
+# 2 cores (stalls of 10-30 s). Must be set before either loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import copy
+import importlib.util
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SCENARIOS = ("overhead", "memory", "cache", "sweep")
+GOALS = {"overhead_ratio": 1.05, "sweep_s": 600.0, "memory_gib": 3.0}
+
+
+# -- helpers --------------------------------------------------------------------------------
+def compose(overrides: list[str], run_dir: Path) -> Any:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import open_dict
+
+    from tailtune.cli.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        del cfg.hydra
+        cfg.paths.output_dir = str(run_dir)
+        cfg.paths.cache_dir = str(run_dir.parent / "cache")
+    return cfg
+
+
+def script(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def linear_probe_benchmark() -> ModuleType | None:
+    """scripts/benchmark_linear_probe.py, reused rather than duplicated; None if absent."""
+    path = REPO / "scripts" / "benchmark_linear_probe.py"
+    if not path.is_file() or importlib.util.find_spec("tailtune.models.linear_probe") is None:
+        return None
+    spec = importlib.util.spec_from_file_location("benchmark_linear_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+class Quiet:
+    """Send stderr (rich config trees, Lightning's chatter) to /dev/null for a while."""
+
+    def __enter__(self) -> None:
+        self.saved, sys.stderr = sys.stderr, open(os.devnull, "w")  # noqa: SIM115
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stderr.close()
+        sys.stderr = self.saved
+
+
+# -- Lightning overhead ---------------------------------------------------------------------
+def overhead(root: Path, repeats: int, steps: int, warmup: int) -> dict[str, Any]:
+    import lightning as L
+    import torch
+
+    from tailtune import pipeline
+
+    class StepClock(L.Callback):
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.marks.append(time.perf_counter())
+
+    n = steps + warmup + 1
+    cfg = compose(["model.unfreeze_at=0", "trainer.enable_progress_bar=false",
+                   "trainer.max_epochs=1", f"trainer.limit_train_batches={n}",
+                   "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+                   "trainer.num_sanity_val_steps=0"], root / "overhead" / "run")
+    datamodule, model = pipeline.build_experiment(cfg)
+    plain_model = copy.deepcopy(model)  # the same weights, never touched by a Trainer
+
+    def lightning_steps(run: int) -> list[float]:
+        clock = StepClock()
+        run_dir = root / "overhead" / f"lightning{run}"
+        trainer = pipeline.build_trainer(
+            cfg, run_dir, [*pipeline.training_callbacks(cfg, datamodule), clock],
+            pipeline.build_loggers(cfg))  # TensorBoard, as a user's run
+        trainer.fit(model, datamodule=datamodule)
+        return [b - a for a, b in zip(clock.marks, clock.marks[1:], strict=False)][warmup:]
+
+    m = plain_model
+    groups = [{"params": list(m.head.parameters()), "lr": m.lr},
+              {"params": [p for p in m.backbone.parameters() if p.requires_grad],
+               "lr": m.lr * m.backbone_lr_ratio}]
+    optimizer = m.optimizer_factory(groups)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s: 1.0, lambda s: 1.0])
+
+    def plain_steps() -> list[float]:
+        # What FineTuneModule does once unfrozen: the backbone trains, BatchNorm keeps its
+        # pretrained statistics (bn_after_unfreeze=frozen).
+        m.train()
+        for module in m.backbone.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        marks = []
+        for i, (images, targets) in enumerate(datamodule.train_dataloader()):
+            if i >= n:
+                break
+            x = m.preprocess(images)
+            logits = m.head(m.backbone.forward_head(m.backbone.forward_features(x),
+                                                    pre_logits=True))
+            loss = m.criterion(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            marks.append(time.perf_counter())
+        return [b - a for a, b in zip(marks, marks[1:], strict=False)][warmup:]
+
+    per_repeat: list[dict[str, float]] = []
+    for run in range(repeats):  # interleaved, order alternating, so drifts hit both alike
+        result: dict[str, float] = {}
+        order = ("lightning", "plain") if run % 2 == 0 else ("plain", "lightning")
+        for mode in order:
+            with Quiet():
+                times = lightning_steps(run) if mode == "lightning" else plain_steps()
+            result[mode] = statistics.median(times)
+        result["ratio"] = result["lightning"] / result["plain"]
+        per_repeat.append(result)
+        print(f"  overhead repeat {run + 1}/{repeats}: lightning {result['lightning']*1e3:7.1f} ms"
+              f"  plain {result['plain']*1e3:7.1f} ms  ratio {result['ratio']:.3f}", flush=True)
+    lightning = statistics.median(r["lightning"] for r in per_repeat)
+    plain = statistics.median(r["plain"] for r in per_repeat)
+    return {"repeats": repeats, "steps_per_repeat": steps, "batch_size": cfg.data.batch_size,
+            "image_size": cfg.backbone.image_size, "threads": torch.get_num_threads(),
+            "lightning_step_s": lightning, "plain_step_s": plain, "ratio": lightning / plain,
+            "ratio_median_of_repeats": statistics.median(r["ratio"] for r in per_repeat),
+            "per_repeat": per_repeat, "goal": GOALS["overhead_ratio"]}
+
+
+# -- peak memory ----------------------------------------------------------------------------
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return kids
+
+
+def _descendants(pid: int) -> list[int]:
+    found, stack = [], [pid]
+    while stack:
+        for kid in _children(stack.pop()):
+            found.append(kid)
+            stack.append(kid)
+    return found
+
+
+def _rollup(pid: int) -> dict[str, int]:
+    """Rss and Pss in bytes, from /proc/<pid>/smaps_rollup (0 once the process is gone)."""
+    values = {"Rss": 0, "Pss": 0}
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in values:
+                values[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return values
+
+
+class MemorySampler(threading.Thread):
+    """Peak of main RSS + the PSS of all its descendants (the loader workers)."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.stop = threading.Event()
+        self.peak = {"total": 0, "main_rss": 0, "main_pss": 0, "workers_pss": 0, "workers": 0}
+        self.hwm = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            main = _rollup(self.pid)
+            workers = [_rollup(p)["Pss"] for p in _descendants(self.pid)]
+            total = main["Rss"] + sum(workers)
+            if total > self.peak["total"]:
+                self.peak = {"total": total, "main_rss": main["Rss"], "main_pss": main["Pss"],
+                             "workers_pss": sum(workers), "workers": len(workers)}
+            try:
+                status = Path(f"/proc/{self.pid}/status").read_text()
+                self.hwm = max(self.hwm, int(status.split("VmHWM:")[1].split()[0]) * 1024)
+            except (OSError, IndexError, ValueError):
+                pass
+            self.stop.wait(self.interval)
+
+
+def memory(root: Path, overrides: list[str]) -> dict[str, Any]:
+    run_dir = root / "memory" / "run"
+    args = [script("tailtune-train"), "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={run_dir}", f"paths.cache_dir={root / 'memory' / 'cache'}",
+            *overrides]
+    log = (root / "memory.log").open("w")
+    started = time.perf_counter()
+    proc = subprocess.Popen(args, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    sampler = MemorySampler(proc.pid)
+    sampler.start()
+    code = proc.wait()
+    sampler.stop.set()
+    sampler.join()
+    gib = 2**30
+    peak = sampler.peak
+    return {"command": " ".join(["tailtune-train", *overrides]) or "tailtune-train",
+            "exit_code": code, "wall_s": time.perf_counter() - started,
+            "peak_gib": peak["total"] / gib, "main_rss_gib": peak["main_rss"] / gib,
+            "main_pss_gib": peak["main_pss"] / gib, "workers_pss_gib": peak["workers_pss"] / gib,
+            "workers": peak["workers"], "main_vmhwm_gib": sampler.hwm / gib,
+            "goal_gib": GOALS["memory_gib"], "log": str(root / "memory.log")}
+
+
+# -- linear-probe cache and sweeps ----------------------------------------------------------
+def cache(root: Path, lp: ModuleType, epochs: int, repeats: int) -> dict[str, Any]:
+    with Quiet():
+        return lp.compare("default", epochs, repeats, root)
+
+
+def warm_cache(root: Path, lp: ModuleType) -> Path:
+    """The cache dir benchmark_linear_probe.compare('default') fills; filled here if needed."""
+    cache_dir = root / "cache-default"
+    if not (cache_dir / "features").is_dir():
+        with Quiet():
+            lp.timed_run(["model=linear_probe", "trainer.max_epochs=1",
+                          "trainer.enable_progress_bar=false"], root, cache_dir)
+    return cache_dir
+
+
+def sweep(root: Path, cache_dir: Path, launcher: str, samplers: list[str], losses: list[str],
+          extra: list[str]) -> dict[str, Any]:
+    sweep_dir = root / f"sweep-{launcher}"
+    args = [script("tailtune-train"), "-m", "model=linear_probe",
+            f"sampler={','.join(samplers)}", f"loss={','.join(losses)}",
+            f"launcher={launcher}", "trainer.enable_progress_bar=false",
+            f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep_dir}", *extra]
+    if launcher == "joblib":
+        args.append(f"hydra.launcher.n_jobs={os.cpu_count() or 1}")
+    started = time.perf_counter()
+    with (root / f"sweep-{launcher}.log").open("w") as log:
+        code = subprocess.call(args, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    seconds = time.perf_counter() - started
+    done = len(list(sweep_dir.glob("*/metrics.json"))) if sweep_dir.is_dir() else 0
+    return {"launcher": launcher, "jobs": len(samplers) * len(losses), "finished": done,
+            "exit_code": code, "total_s": seconds,
+            "per_job_s": seconds / max(1, len(samplers) * len(losses)),
+            "n_jobs": os.cpu_count() if launcher == "joblib" else 1,
+            "goal_s": GOALS["sweep_s"]}
+
+
+# -- report ---------------------------------------------------------------------------------
+def table(report: dict[str, Any]) -> str:
+    rows = [("scenario", "measured", "goal", "")]
+
+    def mark(ok: bool) -> str:
+        return "ok" if ok else "MISSED"
+
+    if "overhead" in report:
+        o = report["overhead"]
+        rows.append((f"Lightning overhead (fine-tune step, median of {o['repeats']})",
+                     f"{o['ratio']:.3f}x ({o['lightning_step_s']*1e3:.0f} vs "
+                     f"{o['plain_step_s']*1e3:.0f} ms/step)",
+                     f"<= {o['goal']:.2f}x", mark(o["ratio"] <= o["goal"])))
+    if "cache" in report:
+        c = report["cache"]
+        if isinstance(c, str):
+            rows.append(("Linear-probe cache (uncached / cached)", c, "-", ""))
+        else:
+            rows.append(("Linear-probe cache (uncached / cached, whole run)",
+                         f"{c['speedup']:.1f}x warm, {c['speedup_cold']:.1f}x cold "
+                         f"({c['uncached_s']:.0f} s vs {c['cached_s']:.0f} s)", "-", ""))
+    for key in ("sweep_basic", "sweep_joblib"):
+        if key in report:
+            s = report[key]
+            if isinstance(s, str):
+                rows.append((f"Sweep ({key.split('_')[1]})", s, "-", ""))
+                continue
+            ok = s["exit_code"] == 0 and s["finished"] == s["jobs"]
+            rows.append((f"Sweep {report['sweep_shape']} probes, warm cache, {s['launcher']}"
+                         + (f" n_jobs={s['n_jobs']}" if s["launcher"] == "joblib" else ""),
+                         f"{s['total_s']:.0f} s ({s['per_job_s']:.1f} s/job, "
+                         f"{s['finished']}/{s['jobs']} done)",
+                         f"<= {s['goal_s']:.0f} s", mark(ok and s["total_s"] <= s["goal_s"])))
+    if "memory" in report:
+        m = report["memory"]
+        rows.append(("Peak memory, default training run",
+                     f"{m['peak_gib']:.2f} GiB (main RSS {m['main_rss_gib']:.2f} + "
+                     f"{m['workers']} workers PSS {m['workers_pss_gib']:.2f})",
+                     f"<= {m['goal_gib']:.0f} GiB",
+                     mark(m["exit_code"] == 0 and m["peak_gib"] <= m["goal_gib"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short version of each scenario")
+    parser.add_argument("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    parser.add_argument("--out", type=Path, default=None, help="keep runs here (default: tmp)")
+    args = parser.parse_args()
+
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    os.environ["COLUMNS"] = "100"
+    root = args.out or Path(tempfile.mkdtemp(prefix="tailtune-benchmark-"))
+    root.mkdir(parents=True, exist_ok=True)
+    quick = args.quick
+    report: dict[str, Any] = {"quick": quick, "cpus": os.cpu_count(), "load_at_start": load(),
+                              "runs_under": str(root)}
+    print(f"tailtune benchmark ({'quick' if quick else 'full'}), runs under {root}; "
+          f"load average {load()}", flush=True)
+    lp = linear_probe_benchmark()
+
+    if "overhead" in args.only:
+        print("== Lightning overhead", flush=True)
+        report["overhead"] = overhead(root, repeats=5 if quick else 7, steps=8 if quick else 12,
+                                      warmup=2)
+    if "memory" in args.only:
+        print("== peak memory of the default training run", flush=True)
+        # --quick: 4 epochs, so the backbone unfreezes (epoch 3) and its optimizer state exists.
+        report["memory"] = memory(root, ["trainer.max_epochs=4"] if quick else [])
+    if "cache" in args.only:
+        print("== linear-probe cache", flush=True)
+        report["cache"] = cache(root, lp, 3 if quick else 15, 2 if quick else 3) if lp \
+            else "not available (scripts/benchmark_linear_probe.py or model=linear_probe missing)"
+    if "sweep" in args.only:
+        samplers = list(lp.SAMPLERS[:2] if quick else lp.SAMPLERS) if lp else []
+        losses = list(lp.LOSSES[:2] if quick else lp.LOSSES) if lp else []
+        report["sweep_shape"] = f"{len(samplers)}x{len(losses)}"
+        extra = ["trainer.max_epochs=3"] if quick else []  # the full sweep: default epochs
+        for launcher in ("basic", "joblib"):
+            print(f"== sweep, {launcher} launcher", flush=True)
+            report[f"sweep_{launcher}"] = sweep(root, warm_cache(root, lp), launcher, samplers,
+                                                losses, extra) if lp else "not available"
+    report["load_at_end"] = load()
+
+    print("\n" + table(report))
+    print(f"(load average at start {report['load_at_start']}, at end {report['load_at_end']}"
+          f" on {report['cpus']} cpus)")
+    (root / "benchmark.json").write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps(report, indent=2, default=str))
+    print(f"report: {root / 'benchmark.json'}")
+
+
+if __name__ == "__main__":
+    main()
