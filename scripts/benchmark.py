@@ -321,7 +321,7 @@ def table(report: dict[str, Any]) -> str:
         else:
             rows.append(("Linear-probe cache (uncached / cached, whole run)",
                          f"{c['speedup']:.1f}x warm, {c['speedup_cold']:.1f}x cold "
-                         f"({c['uncached_s']:.0f} s vs {c['cached_s']:.0f} s)", "-", ""))
+                         f"({c['uncached_s']:.1f} s vs {c['cached_s']:.1f} s)", "-", ""))
     for key in ("sweep_basic", "sweep_joblib"):
         if key in report:
             s = report[key]
