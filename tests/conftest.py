@@ -7,6 +7,8 @@ import os
 # torch and scikit-learn each load their own OpenMP runtime; with active spin-waiting the two
 # pools starve each other on 2 cores (stalls of 10-30 s seen here). Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Tests run offline: any model-hub access fails at once instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import subprocess
 import sys

@@ -105,7 +105,10 @@ def test_unknown_weight_source_lists_valid_ones():
 
 
 def test_hub_offline_says_no_network_and_how_to_work_offline(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import
     with pytest.raises(BackboneError) as err:
         create_backbone("resnet18.a1_in1k", "hub")
     assert "no network" in str(err.value)

@@ -111,7 +111,7 @@ def test_console_script_runs_from_any_directory(tmp_path):
     run_dirs = list((tmp_path / "logs" / "runs").iterdir())
     assert len(run_dirs) == 1 and str(run_dirs[0]) in result.stdout + result.stderr
     assert (run_dirs[0] / "metrics.json").is_file()
-    assert list((run_dirs[0] / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run_dirs[0] / "tensorboard").rglob("events.out.tfevents.*"))
 
 
 @pytest.mark.slow
