@@ -36,24 +36,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tailtune.data.datamodule import EvalShardSampler, ImbalancedDataModule
 from tailtune.data.info import DatasetInfo
 from tailtune.features import FeatureCache, FeatureExtractor, cache_key, indices_sha256
+from tailtune.imbalance.resampling import FeatureRows
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-
-
-class FeatureSet(Dataset):
-    """Feature rows and their labels, both in memory."""
-
-    def __init__(self, features: Tensor, labels: Tensor) -> None:
-        self.features = features
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.features[index], self.labels[index]
 
 
 def _local_rank() -> int:
@@ -158,7 +145,7 @@ class FeatureDataModule(L.LightningDataModule):
         self.resampler_factory = resampler
         self.device = device
         self.wait_timeout = wait_timeout
-        self.features: dict[str, FeatureSet] = {}
+        self.features: dict[str, FeatureRows] = {}
         self.train_sampler: Sampler[int] | None = None
         self.cache_report: dict[str, dict[str, Any]] = {}
         self._reported = False
@@ -205,7 +192,7 @@ class FeatureDataModule(L.LightningDataModule):
             "indices": indices_sha256(self.images.split_indices[split]),
         }
 
-    def _load(self, split: str, wait: bool) -> FeatureSet:
+    def _load(self, split: str, wait: bool) -> FeatureRows:
         dataset = self.images.datasets[split]
         started = time.perf_counter()
 
@@ -235,7 +222,7 @@ class FeatureDataModule(L.LightningDataModule):
         log.info("features %s: %s (%d x %d, %.2f MB, %.2f s)", split,
                  "cache hit" if hit else ("cache miss, extracted" if key else "extracted"),
                  len(labels), features.shape[1], nbytes / 2**20, seconds)
-        return FeatureSet(features, labels.long())
+        return FeatureRows(features, labels.long())
 
     def _report_to_loggers(self) -> None:
         trainer = getattr(self, "trainer", None)

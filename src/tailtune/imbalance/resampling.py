@@ -52,8 +52,9 @@ def is_feature_space(factory: Any) -> bool:
     return bool(getattr(getattr(factory, "func", factory), "feature_space", False))
 
 
-class ResampledRows(Dataset):
-    """The rows a resampler serves this epoch; their content is swapped at each draw."""
+class FeatureRows(Dataset):
+    """Feature rows and their labels, in memory: a split's cached features, or the rows a
+    resampler serves this epoch (swapped at each draw)."""
 
     def __init__(self, features: Tensor, labels: Tensor) -> None:
         self.features = features
@@ -109,7 +110,7 @@ class FeatureResampler(Sampler[int]):
         x0, y0 = self.resample(0)
         self.num_samples = len(y0)
         self._first_counts = np.bincount(y0, minlength=self.num_classes)
-        self.dataset = ResampledRows(torch.from_numpy(x0), torch.from_numpy(y0))
+        self.dataset = FeatureRows(torch.from_numpy(x0), torch.from_numpy(y0))
         self._last_labels: np.ndarray | None = None
 
     # -- resampling ----------------------------------------------------------------------------
