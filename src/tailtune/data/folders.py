@@ -134,18 +134,18 @@ def _assemble(name: str, entries: list[_Entry], class_names: list[str], base: Pa
     )
 
 
-class ImageFolderSource:
-    """``root/train/<class>/*`` plus optional ``root/val/`` (or ``validation/``) and
-    ``root/test/`` with the same class folders. Class names and order: the sorted folder
-    names of ``train/``. Files below a class folder are found recursively."""
+class _CheckedFileSource:
+    """What folder and manifest sources share: the bad-image policy, where file checks are
+    cached, and the fingerprint of the files the last load kept."""
 
-    def __init__(self, root: str | None, on_bad_image: str = "error",
-                 cache_dir: str | None = None) -> None:
+    def __init__(self, on_bad_image: str = "error", cache_dir: str | None = None) -> None:
         _check_policy(on_bad_image)
-        self.root = root
         self.on_bad_image = on_bad_image
         self.cache_dir = cache_dir
         self._fingerprint: str | None = None
+
+    def load(self) -> LabeledImages:
+        raise NotImplementedError
 
     def fingerprint(self) -> str:
         """The files (split, class, path, size, mtime) the last load kept: what feature
@@ -154,6 +154,17 @@ class ImageFolderSource:
             self.load()
         assert self._fingerprint is not None
         return self._fingerprint
+
+
+class ImageFolderSource(_CheckedFileSource):
+    """``root/train/<class>/*`` plus optional ``root/val/`` (or ``validation/``) and
+    ``root/test/`` with the same class folders. Class names and order: the sorted folder
+    names of ``train/``. Files below a class folder are found recursively."""
+
+    def __init__(self, root: str | None, on_bad_image: str = "error",
+                 cache_dir: str | None = None) -> None:
+        super().__init__(on_bad_image, cache_dir)
+        self.root = root
 
     @property
     def name(self) -> str:
@@ -233,24 +244,14 @@ def _sorted_labels(labels: set[str]) -> list[str]:
     return sorted(labels)
 
 
-class CsvManifestSource:
+class CsvManifestSource(_CheckedFileSource):
     """A CSV with columns ``path,label`` and optionally ``split`` (train, val or test; empty
     means train). Paths are relative to the manifest's folder unless absolute."""
 
     def __init__(self, manifest: str | None, on_bad_image: str = "error",
                  cache_dir: str | None = None) -> None:
-        _check_policy(on_bad_image)
+        super().__init__(on_bad_image, cache_dir)
         self.manifest = manifest
-        self.on_bad_image = on_bad_image
-        self.cache_dir = cache_dir
-        self._fingerprint: str | None = None
-
-    def fingerprint(self) -> str:
-        """As :meth:`ImageFolderSource.fingerprint`."""
-        if self._fingerprint is None:
-            self.load()
-        assert self._fingerprint is not None
-        return self._fingerprint
 
     @property
     def name(self) -> str:
