@@ -101,6 +101,10 @@ class RunRecord:
             data["error"] = error
         write_json(self.run_dir / "status.json", data)
 
+    def fail(self, err: BaseException) -> None:
+        """Mark the run failed with the error's type and the end of its message."""
+        self.set_status("failed", f"{type(err).__name__}: {str(err).strip()[-300:]}")
+
     def finish(self, metrics: dict[str, Any]) -> None:
         if not self.rank_zero:
             return

@@ -38,7 +38,7 @@ def evaluate(cfg: DictConfig) -> dict:
             results = {"test": dict(model.test_results)}
             pipeline.write_test_artifacts(model, run_dir)
     except BaseException as err:
-        record.set_status("failed", f"{type(err).__name__}: {str(err).strip()[-300:]}")
+        record.fail(err)
         raise
     results.update({"ckpt_path": str(cfg.ckpt_path), "dataset": datamodule.info.to_dict()})
     record.finish(results)
@@ -61,7 +61,7 @@ def evaluate_ensemble(cfg: DictConfig) -> dict:
     try:
         results = ensemble_pipeline.assemble_from_checkpoints(cfg, run_dir)
     except BaseException as err:
-        record.set_status("failed", f"{type(err).__name__}: {str(err).strip()[-300:]}")
+        record.fail(err)
         raise
     record.finish(results)
     print(f"run dir: {run_dir}")

@@ -56,7 +56,7 @@ def predict(cfg: DictConfig) -> dict:
                 progress.advance(task, len(index))
         summary = write_predictions(output, files, probs, errors, model.class_names, labels)
     except BaseException as err:
-        record.set_status("failed", f"{type(err).__name__}: {str(err).strip()[-300:]}")
+        record.fail(err)
         raise
     summary.update({"ckpt_path": str(cfg.ckpt_path), "input": str(cfg.input)})
     record.finish(summary)

@@ -66,7 +66,7 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
             pipeline.write_test_artifacts(model, run_dir)
             pipeline.log_final_metrics(trainer, metrics)
     except BaseException as err:
-        record.set_status("failed", f"{type(err).__name__}: {str(err).strip()[-300:]}")
+        record.fail(err)
         if isinstance(err, SystemExit) and not err.code:  # Lightning's SIGTERM exit is code 0
             raise SystemExit(143) from err
         raise
