@@ -123,7 +123,7 @@ def test_module_stores_the_tuned_adjustment_and_applies_it_everywhere():
     assert report["val_after"]["nll"] <= report["val_before"]["nll"] + 1e-9
     expected = (raw - report["logit_adjust_tau"] * model.log_prior) / report["temperature"]
     assert torch.allclose(model.eval_logits(x), expected, atol=1e-5)
-    assert torch.allclose(model.predict_images(x), expected.softmax(1), atol=1e-5)
+    assert torch.allclose(model.predict_proba(x), expected.softmax(1), atol=1e-5)
 
     clone = SmallModule(info)
     clone.load_state_dict(model.state_dict())
@@ -160,7 +160,8 @@ def test_finetune_run_tunes_posthoc_on_val_and_its_checkpoint_carries_it(smoke_c
     assert float(model.posthoc_tau) == pytest.approx(report["logit_adjust_tau"])
     assert float(model.posthoc_temperature) == pytest.approx(report["temperature"], rel=1e-5)
     assert model.posthoc_bias.tolist() == pytest.approx(report["class_bias"], abs=1e-6)
-    images = torch.rand(4, 3, 16, 16)
+    # At the served size and on the uint8 grid, as the loader serves them.
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8).float() / 255
     with torch.no_grad():
         raw = model(images)
     expected = ((raw - model.posthoc_tau * model.log_prior + model.posthoc_bias)

@@ -159,6 +159,8 @@ def check_ensemble(cfg: DictConfig, images: ImbalancedDataModule, combiner: Comb
         raise ValueError(f"combiner {combiner.name} is fitted on validation predictions, but "
                          "this data has no validation split (data.val_fraction=0 validates on "
                          "test): use combiner=mean_prob|mean_logit|majority, or a val split")
+    pipeline.refuse_tuning_on_test(ClassifierModule._posthoc_steps(ens.get("posthoc")), images,
+                                   "the ensemble (model.posthoc)")
 
 
 # -- predictions ------------------------------------------------------------------------------
@@ -252,8 +254,13 @@ def build_member(mcfg: DictConfig, sampler: Callable[..., Any] | None = None
         images.train_sampler = sampler(labels=images.split_labels("train"), seed=int(mcfg.seed),
                                        num_classes=images.info.num_classes)
     if pipeline.is_feature_model(mcfg):
-        return pipeline.build_feature_experiment(mcfg, images)
-    return images, pipeline.build_model(mcfg, images.info, pipeline.build_loss(mcfg, images))
+        data, model = pipeline.build_feature_experiment(mcfg, images)
+    else:
+        data, model = images, pipeline.build_model(mcfg, images.info,
+                                                   pipeline.build_loss(mcfg, images))
+    pipeline.refuse_tuning_on_test(model.posthoc_steps, images,
+                                   f"member {mcfg.ensemble_member.name}")
+    return data, model
 
 
 def untrained_member(mcfg: DictConfig, images: ImbalancedDataModule) -> ClassifierModule:
@@ -262,13 +269,15 @@ def untrained_member(mcfg: DictConfig, images: ImbalancedDataModule) -> Classifi
     L.seed_everything(int(mcfg.seed), workers=True)
     loss = pipeline.build_loss(mcfg, images)
     if not pipeline.is_feature_model(mcfg):
-        return pipeline.build_model(mcfg, images.info, loss)
-    from tailtune.data.features import extract_features
+        model = pipeline.build_model(mcfg, images.info, loss)
+    else:
+        model = pipeline.feature_model(mcfg, images.info, loss, *pipeline.build_extractor(mcfg))
+    pipeline.refuse_tuning_on_test(model.posthoc_steps, images,
+                                   f"member {mcfg.ensemble_member.name}")
+    if getattr(model, "needs_feature_transform", False):
+        from tailtune.data.features import extract_features
 
-    extractor, extra = pipeline.build_extractor(mcfg)
-    model = pipeline.feature_model(mcfg, images.info, loss, extractor, extra)
-    if model.needs_feature_transform:
-        features = extract_features(images.datasets["train"], extractor,
+        features = extract_features(images.datasets["train"], model.extractor,
                                     mcfg.model.features.extract_batch_size,
                                     pipeline.extraction_device(mcfg))[0]
         model.fit_feature_transform(features)

@@ -51,33 +51,41 @@ def build_datamodule(cfg: DictConfig) -> ImbalancedDataModule:
 
 
 # -- model ------------------------------------------------------------------------------------
-def loss_class_counts(loss_factory: Any, datamodule: ImbalancedDataModule,
-                      correct_for_sampler: bool = True) -> list[float]:
-    """Class counts for the loss.
+def imbalance_ratio(counts: Any) -> float:
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts[counts > 0]
+    return float(present.max() / present.min()) if len(present) else 1.0
 
-    A resampling sampler already changes the training prior; prior-based losses (weighted CE,
-    class-balanced, balanced softmax, logit-adjusted, LDAM-DRW) then get the sampler's
-    effective class distribution, so the run does not correct twice.
+
+def rebalanced_epochs(datamodule: Any, epochs: int) -> list[int]:
+    """The epochs in which the training sampler draws a less imbalanced class distribution
+    than the real one (a progressive sampler only late in the run)."""
+    raw = imbalance_ratio(datamodule.info.class_counts)
+    return [e for e in range(max(1, epochs))
+            if imbalance_ratio(datamodule.train_class_counts(e)) < raw * (1 - 1e-6)]
+
+
+def build_loss(cfg: DictConfig, datamodule: Any) -> torch.nn.Module:
+    """The loss, with the real training counts.
+
+    A re-balancing sampler already changes the training prior; prior-based losses (weighted
+    CE, class-balanced, balanced softmax, logit-adjusted, LDAM's DRW weights) then correct
+    for the distribution the sampler draws in each epoch (``sampled_counts``, re-read at
+    every epoch), so the run never corrects twice. ``correct_prior_for_sampler=false`` keeps
+    the real prior, and warns if the sampler re-balances in any epoch of the run.
     """
-    counts = list(datamodule.info.class_counts)
-    sampler = datamodule.train_sampler
-    uses_prior = getattr(getattr(loss_factory, "func", loss_factory), "uses_prior", False)
-    expected = getattr(sampler, "expected_class_counts", None)
-    if not uses_prior or expected is None:
-        return counts
-    effective = [float(c) for c in expected()]
-    if correct_for_sampler:
-        return effective
-    if max(effective) / max(min(effective), 1e-12) < max(counts) / max(min(counts), 1):
-        warnings.warn("the sampler re-balances the data and the loss corrects for the "
-                      "original prior too: this run corrects twice", stacklevel=2)
-    return counts
-
-
-def build_loss(cfg: DictConfig, datamodule: ImbalancedDataModule) -> torch.nn.Module:
     factory = instantiate(cfg.loss)
-    counts = loss_class_counts(factory, datamodule, cfg.get("correct_prior_for_sampler", True))
-    return call_factory(factory, cfg.loss, "loss", class_counts=counts)
+    kwargs: dict[str, Any] = {"class_counts": list(datamodule.info.class_counts)}
+    if getattr(getattr(factory, "func", factory), "uses_prior", False):
+        if cfg.get("correct_prior_for_sampler", True):
+            kwargs["sampled_counts"] = datamodule.train_class_counts
+        else:
+            late = rebalanced_epochs(datamodule, int(cfg.trainer.get("max_epochs") or 1))
+            if late:
+                warnings.warn(f"the sampler re-balances the data (from epoch {late[0]} on) and "
+                              "the loss corrects for the original prior too: this run "
+                              "corrects twice (correct_prior_for_sampler=false)", stacklevel=2)
+    return call_factory(factory, cfg.loss, "loss", **kwargs)
 
 
 def build_model(cfg: DictConfig, info: DatasetInfo, loss: torch.nn.Module) -> ClassifierModule:
@@ -145,8 +153,25 @@ def build_experiment(cfg: DictConfig) -> tuple[ImbalancedDataModule, ClassifierM
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     if is_feature_model(cfg):
-        return build_feature_experiment(cfg, datamodule)
-    return datamodule, build_model(cfg, datamodule.info, build_loss(cfg, datamodule))
+        data, model = build_feature_experiment(cfg, datamodule)
+    else:
+        data, model = datamodule, build_model(cfg, datamodule.info, build_loss(cfg, datamodule))
+    refuse_tuning_on_test(model.posthoc_steps, datamodule)
+    return data, model
+
+
+def refuse_tuning_on_test(steps: Any, images: ImbalancedDataModule, owner: str = "the model"
+                          ) -> None:
+    """Post-hoc steps (logit adjustment, bias, temperature, tau-norm) are fitted on validation
+    predictions; with ``data.val_fraction=0`` those are the test predictions, and the test
+    metrics reported after them would be fitted on test."""
+    steps = list(steps or [])
+    if steps and images.val_is_test:
+        raise ValueError(
+            f"{owner} tunes {', '.join(steps)} on validation predictions, but this data has no "
+            "validation split (data.val_fraction=0 validates on test), so its test metrics "
+            "would be fitted on test: give it a validation split (data.val_fraction > 0) or "
+            "drop the step (model.posthoc=none, model.method=crt|lws)")
 
 
 # -- frozen-feature models (linear probe, decoupled) -----------------------------------------
@@ -531,6 +556,26 @@ def log_final_metrics(trainer: L.Trainer, metrics: dict[str, Any]) -> None:
     for logger in trainer.loggers:
         logger.log_metrics(values, step=trainer.global_step)
         logger.finalize("success")
+
+
+def eval_data_config(trained: DictConfig, requested: DictConfig | None) -> DictConfig:
+    """The data a checkpoint is evaluated on: the one it was trained with, with the keys the
+    user set (``+data.root=/moved/copy``) applied; :func:`check_same_split` then refuses
+    anything but the same classes and split. A different dataset (``data=image_folder``)
+    is refused here: its metrics would not be this checkpoint's test metrics."""
+    if not requested:
+        return trained
+    if "_target_" in requested:
+        raise ValueError(
+            "tailtune-eval tests a checkpoint on the data split it was trained with, so it "
+            "takes no other dataset (data=...); to move that data, set its keys "
+            "(+data.root=/new/place); to score other images, use tailtune-predict "
+            "ckpt_path=... input=DIR (class folders give accuracy)")
+    unknown = sorted(set(requested) - set(trained))
+    if unknown:
+        raise ValueError(f"data.{unknown[0]} is not a setting of the checkpoint's data "
+                         f"({', '.join(sorted(trained))})")
+    return OmegaConf.merge(trained, requested)
 
 
 def check_same_split(checkpoint: dict[str, Any], info: DatasetInfo) -> None:

@@ -11,13 +11,18 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from tailtune.data.images import DECODE_VERSION, RESIZE_MODES, decode_all, decode_image
+from tailtune.data.images import (
+    DECODE_VERSION,
+    RESIZE_MODES,
+    decode_all,
+    decode_image,
+    resize_uint8,
+)
 from tailtune.data.info import DatasetInfo
 from tailtune.data.longtail import make_long_tailed, split_fingerprint, stratified_split
 from tailtune.data.sources import LabeledImages
@@ -104,19 +109,6 @@ class FileImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = torch.from_numpy(decode_image(self.paths[index], self.image_size, self.resize))
         return _to_float(image, self.transform), int(self.labels[index])
-
-
-def _resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize once at set-up, in chunks, and keep uint8: cheap in memory, no per-epoch work."""
-    if images.shape[-2:] == (size, size):
-        return np.ascontiguousarray(images)
-    tensor = torch.from_numpy(np.ascontiguousarray(images))
-    chunks = []
-    for chunk in tensor.split(1024):
-        resized = F.interpolate(chunk.float(), size=(size, size), mode="bilinear",
-                                antialias=True, align_corners=False)
-        chunks.append(resized.round_().clamp_(0, 255).to(torch.uint8))
-    return torch.cat(chunks).numpy()
 
 
 class ImbalancedDataModule(L.LightningDataModule):
@@ -283,7 +275,9 @@ class ImbalancedDataModule(L.LightningDataModule):
             return self.train_transform if split == "train" else None
 
         if data.images is not None:
-            images = _resize_uint8(data.images, self.image_size)
+            # Once at set-up, kept uint8: cheap in memory, no per-epoch work.
+            images = resize_uint8(torch.from_numpy(np.ascontiguousarray(data.images)),
+                                  self.image_size).numpy()
             return {split: ArrayImageDataset(images, data.labels, idx, transform(split))
                     for split, idx in self.split_indices.items()}
         assert data.paths is not None
@@ -319,6 +313,13 @@ class ImbalancedDataModule(L.LightningDataModule):
 
     def split_labels(self, split: str) -> np.ndarray:
         return self._split_labels[split]
+
+    def train_class_counts(self, epoch: int) -> np.ndarray:
+        """Expected class counts the training loader draws in ``epoch`` (after sampling):
+        the prior that prior-based losses correct for and post-hoc adjustment removes."""
+        from tailtune.imbalance.samplers import sampled_class_counts
+
+        return sampled_class_counts(self.train_sampler, self.info.class_counts, epoch)
 
     def summary_table(self) -> Table:
         """Per-class counts per split, the training imbalance ratio, and what was skipped."""

@@ -261,6 +261,12 @@ class FeatureDataModule(L.LightningDataModule):
     def split_labels(self, split: str) -> np.ndarray:
         return self.images.split_labels(split)
 
+    def train_class_counts(self, epoch: int) -> np.ndarray:
+        """Expected class counts of ``epoch``'s training rows (after any resampling)."""
+        from tailtune.imbalance.samplers import sampled_class_counts
+
+        return sampled_class_counts(self.train_sampler, self.info.class_counts, epoch)
+
     def summary_table(self) -> Table:
         return self.images.summary_table()
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
@@ -46,6 +47,46 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # PIL warns when a transparent palette goes straight to RGB
     return image.convert("RGB")
+
+
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 ``[N, C, H, W]`` -> uint8 ``[N, C, size, size]`` (bilinear, antialiased, rounded):
+    how in-memory sources (digits, CIFAR, Fashion-MNIST) are served for training, and so how
+    :func:`serve_images` serves tensors given to a trained model."""
+    if images.shape[-2:] == (size, size):
+        return images
+    chunks = []
+    for chunk in images.split(1024):
+        resized = F.interpolate(chunk.float(), size=(size, size), mode="bilinear",
+                                antialias=True, align_corners=False)
+        chunks.append(resized.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(chunks)
+
+
+def serve_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images handed to a trained model -> float ``[N, 3, size, size]`` in ``[0, 1]``, exactly
+    as the training loader served in-memory images at ``size`` (quantised to uint8, then
+    :func:`resize_uint8`). Takes a batch ``[N, 1|3, H, W]`` of floats in ``[0, 1]`` or of uint8
+    (0-255); anything else is refused with what to change."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        hint = "; for one image pass x[None]" if getattr(images, "ndim", 0) == 3 else ""
+        raise ValueError(f"images must be a batch [N, 3, H, W] (or [N, 1, H, W]), got {shape}"
+                         f"{hint}")
+    if images.dtype == torch.uint8:
+        quantised = images.cpu()
+    elif images.is_floating_point():
+        low, high = float(images.min()), float(images.max())
+        if low < -1e-6 or high > 1 + 1e-6:
+            raise ValueError(f"float images must be in [0, 1], got values in [{low:.4g}, "
+                             f"{high:.4g}]: divide 0-255 images by 255 (or pass uint8); "
+                             "normalisation is the model's own step")
+        quantised = images.detach().float().cpu().mul(255).round_().clamp_(0, 255)
+        quantised = quantised.to(torch.uint8)
+    else:
+        raise ValueError(f"images must be float in [0, 1] or uint8, got {images.dtype}")
+    served = resize_uint8(quantised, size).float().div_(255.0)
+    return served.expand(-1, 3, -1, -1) if served.shape[1] == 1 else served
 
 
 def decode_image(path: str | Path, size: int, resize: str = "squash") -> np.ndarray:

@@ -23,13 +23,17 @@ from imblearn.under_sampling import RandomUnderSampler
 from tailtune.imbalance.samplers import EpochSampler, Labels
 
 
-def balanced_bag(labels: np.ndarray, draw_seed: int) -> np.ndarray:
+def balanced_bag(labels: np.ndarray, draw_seed: int, num_classes: int | None = None
+                 ) -> np.ndarray:
     """Sorted training indices of one balanced random under-sample (every class at the
-    smallest class's count)."""
+    smallest class's count). A class with no training sample would balance every class down
+    to zero, so it is an error (``num_classes`` says how many classes there are)."""
     labels = np.asarray(labels)
-    counts = np.bincount(labels)
-    if (counts[np.unique(labels)] < 1).any():
-        raise ValueError("balanced bagging needs every class in the training split")
+    counts = np.bincount(labels, minlength=num_classes or 0)
+    empty = np.flatnonzero(counts == 0).tolist()
+    if empty:
+        raise ValueError(f"balanced bagging (model.bagging=under) needs every class in the "
+                         f"training split; class(es) {empty} have no training sample")
     sampler = RandomUnderSampler(sampling_strategy="auto", random_state=int(draw_seed))
     sampler.fit_resample(np.arange(len(labels))[:, None], labels)
     return np.sort(sampler.sample_indices_)
@@ -42,13 +46,13 @@ class BalancedBagSampler(EpochSampler):
                  draw_seed: int = 0) -> None:
         super().__init__(labels, seed=seed, num_classes=num_classes)
         self.draw_seed = int(draw_seed)
-        self.subset = balanced_bag(self.labels, self.draw_seed)
+        self.subset = balanced_bag(self.labels, self.draw_seed, self.num_classes)
         self.num_samples = len(self.subset)
 
     def _draw(self, rng: np.random.Generator) -> np.ndarray:
         return rng.permutation(self.subset)
 
-    def expected_class_distribution(self) -> np.ndarray:
+    def expected_class_distribution(self, epoch: int | None = None) -> np.ndarray:
         counts = np.bincount(self.labels[self.subset], minlength=self.num_classes)
         return counts / counts.sum()
 
@@ -68,7 +72,7 @@ class SampleWeightSampler(EpochSampler):
     def _draw(self, rng: np.random.Generator) -> np.ndarray:
         return rng.choice(len(self.labels), size=self.num_samples, p=self.weights)
 
-    def expected_class_distribution(self) -> np.ndarray:
+    def expected_class_distribution(self, epoch: int | None = None) -> np.ndarray:
         return np.bincount(self.labels, weights=self.weights, minlength=self.num_classes)
 
 

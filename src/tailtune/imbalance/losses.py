@@ -9,12 +9,22 @@ with ``forward(logits[N, K], target[N]) -> scalar`` (mean reduction).
     (expected counts) are fine, but probabilities are rejected: clamping would silently flatten
     them. Pass ``len(sampler) * sampler.expected_class_distribution()`` instead.
 
-``uses_prior``
+``uses_prior`` and ``sampled_counts``
     True for losses whose correction is derived from the class prior (weighted CE, class-balanced,
-    balanced softmax, logit-adjusted, LDAM-DRW). A re-balancing sampler already changes the class
-    distribution the loss sees, so for these losses the pipeline passes the sampler's *effective*
-    post-sampling counts rather than the raw dataset counts; otherwise the imbalance would be
-    corrected twice. Losses with ``uses_prior = False`` get the raw counts (and ignore them).
+    balanced softmax, logit-adjusted, LDAM's deferred re-weighting). A re-balancing sampler already
+    changes the class distribution the loss sees, so these losses take ``sampled_counts``: a
+    function ``epoch -> expected class counts the sampler draws in that epoch``. They correct for
+    that distribution, re-derived at every :meth:`~ImbalanceLoss.set_epoch` (a progressive
+    sampler's changes every epoch); otherwise the imbalance would be corrected twice. Without it
+    they correct for ``class_counts``. ``class_counts`` are always the real training counts:
+    LDAM's margins come from them (Cao et al. 2019), whatever the sampler.
+
+``logit_prior_shift()``
+    Per-class log shift of the class prior the trained logits are calibrated to: a model
+    trained with this loss on batches with prior ``q`` fits ``p(y|x)`` under the prior
+    ``q * exp(shift)`` (weighted CE with weights ``w``: ``q * w``; balanced softmax: ``q / n``;
+    logit-adjusted: ``q / pi^tau``). Post-hoc logit adjustment subtracts this prior, so it
+    never corrects what the sampler or the loss already corrected.
 
 ``head`` / ``head_scale``
     ``"linear"`` for all losses except LDAM, which needs a cosine-normalised head emitting
@@ -38,9 +48,9 @@ of ``state_dict`` lets a checkpoint load into a module configured with a differe
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from numbers import Real
-from typing import ClassVar
+from typing import ClassVar, TypeAlias
 
 import numpy as np
 import torch
@@ -64,11 +74,15 @@ __all__ = [
 
 WEIGHTINGS = ("inverse", "sqrt_inverse", "effective_number")
 
+Counts: TypeAlias = Sequence[float] | np.ndarray | Tensor
+# epoch -> the expected class counts a training sampler draws in that epoch.
+CountsSchedule: TypeAlias = Callable[[int], Counts]
+
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _as_counts(class_counts: Sequence[float] | np.ndarray | Tensor) -> np.ndarray:
+def _as_counts(class_counts: Counts) -> np.ndarray:
     """Validate ``class_counts`` and return them as a float64 array (unclamped)."""
     if isinstance(class_counts, Tensor):
         class_counts = class_counts.detach().cpu().numpy()
@@ -88,7 +102,7 @@ def _as_counts(class_counts: Sequence[float] | np.ndarray | Tensor) -> np.ndarra
     return counts
 
 
-def _clamped(class_counts: Sequence[float] | np.ndarray | Tensor) -> np.ndarray:
+def _clamped(class_counts: Counts) -> np.ndarray:
     # An empty class is treated as having one sample: finite logs/powers, largest weight.
     return np.maximum(_as_counts(class_counts), 1.0)
 
@@ -98,14 +112,14 @@ def _normalise_to_k(w: np.ndarray) -> Tensor:
 
 
 def inverse_frequency_weights(
-    class_counts: Sequence[float] | np.ndarray | Tensor, power: float = 1.0
+    class_counts: Counts, power: float = 1.0
 ) -> Tensor:
     """``w_j ∝ n_j^-power`` normalised to sum to K (power 1: inverse, 0.5: sqrt-inverse)."""
     return _normalise_to_k(_clamped(class_counts) ** -power)
 
 
 def effective_number_weights(
-    class_counts: Sequence[float] | np.ndarray | Tensor, beta: float = 0.9999
+    class_counts: Counts, beta: float = 0.9999
 ) -> Tensor:
     """Cui et al. 2019: ``w_j = (1 - beta) / (1 - beta^n_j)`` normalised to sum to K."""
     if not 0.0 <= beta < 1.0:
@@ -116,7 +130,7 @@ def effective_number_weights(
     return _normalise_to_k((1.0 - beta) / one_minus_beta_n)
 
 
-def ldam_margins(class_counts: Sequence[float] | np.ndarray | Tensor, max_m: float = 0.5) -> Tensor:
+def ldam_margins(class_counts: Counts, max_m: float = 0.5) -> Tensor:
     """Cao et al. 2019: ``Delta_j = C / n_j^(1/4)`` with C chosen so that ``max Delta = max_m``."""
     if max_m < 0:
         raise ValueError(f"max_m must be >= 0, got {max_m}")
@@ -124,13 +138,13 @@ def ldam_margins(class_counts: Sequence[float] | np.ndarray | Tensor, max_m: flo
     return torch.as_tensor(m * (max_m / m.max()), dtype=torch.float32)
 
 
-def _log_prior(class_counts: Sequence[float] | np.ndarray | Tensor) -> Tensor:
+def _log_prior(class_counts: Counts) -> Tensor:
     n = _clamped(class_counts)
     return torch.as_tensor(np.log(n / n.sum()), dtype=torch.float32)
 
 
 def posthoc_logit_adjust(
-    logits: Tensor, class_counts: Sequence[float] | np.ndarray | Tensor, tau: float = 1.0
+    logits: Tensor, class_counts: Counts, tau: float = 1.0
 ) -> Tensor:
     """Menon et al. 2021 post-hoc correction: ``logits - tau * log prior`` (counts clamped >= 1)."""
     log_prior = _log_prior(class_counts).to(device=logits.device, dtype=logits.dtype)
@@ -184,15 +198,20 @@ def _focal(
 
 
 class ImbalanceLoss(nn.Module):
-    """Base class: stores the counts and the options shared by all losses."""
+    """Base class: stores the counts and the options shared by all losses.
+
+    Prior-based subclasses set ``uses_prior = True``, take ``sampled_counts`` and derive their
+    per-class buffers in :meth:`_set_prior` (called at construction and every epoch).
+    """
 
     uses_prior: ClassVar[bool] = False
     head: ClassVar[str] = "linear"
 
     def __init__(
         self,
-        class_counts: Sequence[float] | np.ndarray | Tensor,
+        class_counts: Counts,
         label_smoothing: float = 0.0,
+        sampled_counts: CountsSchedule | None = None,
     ) -> None:
         super().__init__()
         counts = _as_counts(class_counts)
@@ -202,15 +221,44 @@ class ImbalanceLoss(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.head_scale: float = 1.0
         self.epoch = 0
+        self.sampled_counts = sampled_counts
         self.register_buffer(
             "class_counts", torch.as_tensor(counts, dtype=torch.float32), persistent=False
         )
 
+    def prior_counts(self, epoch: int | None = None) -> np.ndarray:
+        """The class counts the loss corrects for at ``epoch``: the sampler's draw if
+        ``sampled_counts`` is given, else the real training counts."""
+        if self.sampled_counts is None:
+            return self.class_counts.double().cpu().numpy()
+        counts = _as_counts(self.sampled_counts(self.epoch if epoch is None else epoch))
+        if counts.size != self.num_classes:
+            raise ValueError(f"sampled_counts gave {counts.size} classes, expected "
+                             f"{self.num_classes}")
+        return counts
+
     def set_epoch(self, epoch: int) -> None:
-        """Record the current epoch; losses with a schedule derive their state from it."""
+        """Record the current epoch; schedules (deferred re-weighting, the prior of a
+        progressive sampler) derive their state from it, so resume is exact."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = int(epoch)
+        if self.sampled_counts is not None:
+            self._set_prior(self.prior_counts(epoch))
+
+    def _set_prior(self, counts: np.ndarray) -> None:
+        """Derive the per-class buffers from the counts the loss corrects for."""
+
+    def _set_buffer(self, name: str, value: Tensor) -> None:
+        # Re-derived every epoch: keep the device the module was moved to.
+        old = self._buffers.get(name)
+        self.register_buffer(name, value if old is None else value.to(old.device),
+                             persistent=False)
+
+    def logit_prior_shift(self) -> Tensor:
+        """Per-class log shift of the prior the trained logits fit (see the module docstring);
+        zero for losses that do not re-weight or shift the classes."""
+        return torch.zeros(self.num_classes)
 
     def _check(self, logits: Tensor, target: Tensor) -> None:
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
@@ -244,22 +292,27 @@ class WeightedCrossEntropyLoss(ImbalanceLoss):
 
     def __init__(
         self,
-        class_counts: Sequence[float] | np.ndarray | Tensor,
+        class_counts: Counts,
         weighting: str = "inverse",
         beta: float = 0.9999,
         label_smoothing: float = 0.0,
+        sampled_counts: CountsSchedule | None = None,
     ) -> None:
-        super().__init__(class_counts, label_smoothing=label_smoothing)
-        if weighting == "inverse":
-            weight = inverse_frequency_weights(class_counts, power=1.0)
-        elif weighting == "sqrt_inverse":
-            weight = inverse_frequency_weights(class_counts, power=0.5)
-        elif weighting == "effective_number":
-            weight = effective_number_weights(class_counts, beta=beta)
-        else:
+        super().__init__(class_counts, label_smoothing, sampled_counts)
+        if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
-        self.weighting = weighting
-        self.register_buffer("weight", weight, persistent=False)
+        self.weighting, self.beta = weighting, float(beta)
+        self._set_prior(self.prior_counts(0))
+
+    def _set_prior(self, counts: np.ndarray) -> None:
+        if self.weighting == "effective_number":
+            weight = effective_number_weights(counts, beta=self.beta)
+        else:
+            weight = inverse_frequency_weights(counts, 1.0 if self.weighting == "inverse" else 0.5)
+        self._set_buffer("weight", weight)
+
+    def logit_prior_shift(self) -> Tensor:
+        return self.weight.detach().float().cpu().log()
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         self._check(logits, target)
@@ -277,7 +330,7 @@ class FocalLoss(ImbalanceLoss):
 
     def __init__(
         self,
-        class_counts: Sequence[float] | np.ndarray | Tensor,
+        class_counts: Counts,
         gamma: float = 1.0,
         alpha: Sequence[float] | None = None,
         label_smoothing: float = 0.0,
@@ -304,6 +357,11 @@ class FocalLoss(ImbalanceLoss):
                 raise ValueError(f"alpha must be finite and non-negative, got {weight.tolist()}")
         self.register_buffer("alpha", weight, persistent=False)
 
+    def logit_prior_shift(self) -> Tensor:
+        if self.alpha is None:
+            return super().logit_prior_shift()
+        return self.alpha.detach().float().cpu().clamp_min(1e-12).log()
+
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         self._check(logits, target)
         return _focal(logits, target, self.gamma, self.alpha, self.label_smoothing)
@@ -317,21 +375,26 @@ class ClassBalancedLoss(ImbalanceLoss):
 
     def __init__(
         self,
-        class_counts: Sequence[float] | np.ndarray | Tensor,
+        class_counts: Counts,
         beta: float = 0.9999,
         base: str = "ce",
         gamma: float = 1.0,
         label_smoothing: float = 0.0,
+        sampled_counts: CountsSchedule | None = None,
     ) -> None:
-        super().__init__(class_counts, label_smoothing=label_smoothing)
+        super().__init__(class_counts, label_smoothing, sampled_counts)
         if base not in self.BASES:
             raise ValueError(f"unknown base {base!r}; valid: {', '.join(self.BASES)}")
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         self.base, self.beta, self.gamma = base, float(beta), float(gamma)
-        self.register_buffer(
-            "weight", effective_number_weights(class_counts, beta=beta), persistent=False
-        )
+        self._set_prior(self.prior_counts(0))
+
+    def _set_prior(self, counts: np.ndarray) -> None:
+        self._set_buffer("weight", effective_number_weights(counts, beta=self.beta))
+
+    def logit_prior_shift(self) -> Tensor:
+        return self.weight.detach().float().cpu().log()
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         self._check(logits, target)
@@ -347,6 +410,10 @@ class LDAMLoss(ImbalanceLoss):
     ``head_scale = s``) and computes ``CE(logits - s * Delta_y * onehot(y), weight)`` with
     ``Delta_j = C / n_j^(1/4)``, ``max Delta = max_m``. DRW: unweighted before epoch ``drw_start``,
     class-balanced (``beta``) weights from it on; ``drw_start=None`` never re-weights.
+
+    The margins come from the real training counts ``class_counts`` even under a re-balancing
+    sampler (Cao et al. use the same margins with re-sampling), so LDAM stays
+    label-distribution-aware; only the DRW weights follow ``sampled_counts``.
     """
 
     uses_prior = True
@@ -354,14 +421,15 @@ class LDAMLoss(ImbalanceLoss):
 
     def __init__(
         self,
-        class_counts: Sequence[float] | np.ndarray | Tensor,
+        class_counts: Counts,
         max_m: float = 0.5,
         s: float = 30.0,
         drw_start: int | None = 160,
         beta: float = 0.9999,
         label_smoothing: float = 0.0,
+        sampled_counts: CountsSchedule | None = None,
     ) -> None:
-        super().__init__(class_counts, label_smoothing=label_smoothing)
+        super().__init__(class_counts, label_smoothing, sampled_counts)
         if s <= 0:
             raise ValueError(f"s must be > 0, got {s}")
         if drw_start is not None and drw_start < 0:
@@ -370,9 +438,16 @@ class LDAMLoss(ImbalanceLoss):
         self.max_m, self.beta = float(max_m), float(beta)
         self.drw_start = None if drw_start is None else int(drw_start)
         self.register_buffer("margins", ldam_margins(class_counts, max_m=max_m), persistent=False)
-        self.register_buffer(
-            "drw_weight", effective_number_weights(class_counts, beta=beta), persistent=False
-        )
+        self._set_prior(self.prior_counts(0))
+
+    def _set_prior(self, counts: np.ndarray) -> None:
+        self._set_buffer("drw_weight", effective_number_weights(counts, beta=self.beta))
+
+    def logit_prior_shift(self) -> Tensor:
+        # The margins favour the tail a little too; the prior shift counts the re-weighting.
+        if not self.drw_active:
+            return super().logit_prior_shift()
+        return self.drw_weight.detach().float().cpu().log()
 
     @property
     def drw_active(self) -> bool:
@@ -398,12 +473,19 @@ class BalancedSoftmaxLoss(ImbalanceLoss):
 
     def __init__(
         self,
-        class_counts: Sequence[float] | np.ndarray | Tensor,
+        class_counts: Counts,
         label_smoothing: float = 0.0,
+        sampled_counts: CountsSchedule | None = None,
     ) -> None:
-        super().__init__(class_counts, label_smoothing=label_smoothing)
-        log_n = torch.as_tensor(np.log(_clamped(class_counts)), dtype=torch.float32)
-        self.register_buffer("log_counts", log_n, persistent=False)
+        super().__init__(class_counts, label_smoothing, sampled_counts)
+        self._set_prior(self.prior_counts(0))
+
+    def _set_prior(self, counts: np.ndarray) -> None:
+        self._set_buffer("log_counts",
+                         torch.as_tensor(np.log(_clamped(counts)), dtype=torch.float32))
+
+    def logit_prior_shift(self) -> Tensor:
+        return -self.log_counts.detach().float().cpu()
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         self._check(logits, target)
@@ -421,15 +503,22 @@ class LogitAdjustedLoss(ImbalanceLoss):
 
     def __init__(
         self,
-        class_counts: Sequence[float] | np.ndarray | Tensor,
+        class_counts: Counts,
         tau: float = 1.0,
         label_smoothing: float = 0.0,
+        sampled_counts: CountsSchedule | None = None,
     ) -> None:
-        super().__init__(class_counts, label_smoothing=label_smoothing)
+        super().__init__(class_counts, label_smoothing, sampled_counts)
         if not math.isfinite(tau):
             raise ValueError(f"tau must be finite, got {tau}")
         self.tau = float(tau)
-        self.register_buffer("log_prior", _log_prior(class_counts), persistent=False)
+        self._set_prior(self.prior_counts(0))
+
+    def _set_prior(self, counts: np.ndarray) -> None:
+        self._set_buffer("log_prior", _log_prior(counts))
+
+    def logit_prior_shift(self) -> Tensor:
+        return -self.tau * self.log_prior.detach().float().cpu()
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         self._check(logits, target)

@@ -165,12 +165,13 @@ class FeatureResampler(Sampler[int]):
         return self.num_samples
 
     # -- what the loss and the logs read ----------------------------------------------------
-    def expected_class_distribution(self) -> np.ndarray:
-        """Class distribution of the resampled set (the first draw's)."""
+    def expected_class_distribution(self, epoch: int | None = None) -> np.ndarray:
+        """Class distribution of the resampled set (the first draw's: the per-class counts
+        follow from the strategy, not the epoch)."""
         return self._first_counts / self._first_counts.sum()
 
-    def expected_class_counts(self) -> np.ndarray:
-        return len(self) * self.expected_class_distribution()
+    def expected_class_counts(self, epoch: int | None = None) -> np.ndarray:
+        return len(self) * self.expected_class_distribution(epoch)
 
     def drawn_class_histogram(self) -> np.ndarray:
         if self._last_labels is None:

@@ -12,9 +12,9 @@ Each sampler draws a fresh index list per epoch from a generator seeded by ``(se
 The generator is ``np.random.default_rng([seed, epoch])`` rather than ``seed + epoch``: with a sum,
 seed s at epoch e + 1 would replay seed s + 1 at epoch e, correlating runs that differ in seed.
 
-``expected_class_distribution()`` is the class distribution the sampler produces in expectation
-(at the current epoch); prior-based losses use ``expected_class_counts()`` as their class counts so
-the imbalance is not corrected twice.
+````expected_class_distribution(epoch)`` is the class distribution the sampler produces in
+expectation at an epoch; prior-based losses correct for ``expected_class_counts(epoch)`` of the
+epoch they train on (not the raw counts), so the imbalance is not corrected twice.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ __all__ = [
     "ShuffleSampler",
     "UnderSampler",
     "WeightedSampler",
+    "sampled_class_counts",
 ]
 
 Labels = Sequence[int] | np.ndarray | Tensor
@@ -49,6 +50,15 @@ def _positive_int(name: str, value: int | None, default: int) -> int:
     if int(value) != value or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def sampled_class_counts(sampler: Any, class_counts: Sequence[float], epoch: int) -> np.ndarray:
+    """The expected class counts a training sampler draws in ``epoch``; the real counts for a
+    sampler that does not say (a plain shuffle draws them)."""
+    expected = getattr(sampler, "expected_class_counts", None)
+    if expected is None:
+        return np.asarray(class_counts, dtype=np.float64)
+    return np.asarray(expected(epoch), dtype=np.float64)
 
 
 class EpochSampler(Sampler[int]):
@@ -87,8 +97,9 @@ class EpochSampler(Sampler[int]):
     def _draw(self, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
 
-    def expected_class_distribution(self) -> np.ndarray:
-        """K probabilities: the class distribution drawn in expectation at the current epoch."""
+    def expected_class_distribution(self, epoch: int | None = None) -> np.ndarray:
+        """K probabilities: the class distribution drawn in expectation at ``epoch`` (default:
+        the current one). Only a progressive sampler's depends on the epoch."""
         raise NotImplementedError
 
     # -- common -----------------------------------------------------------------------------
@@ -107,9 +118,10 @@ class EpochSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.num_samples
 
-    def expected_class_counts(self) -> np.ndarray:
-        """Expected per-class counts in one epoch; what prior-based losses take as counts."""
-        return len(self) * self.expected_class_distribution()
+    def expected_class_counts(self, epoch: int | None = None) -> np.ndarray:
+        """Expected per-class counts drawn in ``epoch``: the prior a loss trained on this
+        epoch's batches sees (prior-based losses correct for it, not the raw counts)."""
+        return len(self) * self.expected_class_distribution(epoch)
 
     def drawn_class_histogram(self) -> np.ndarray:
         """Per-class counts of the last drawn epoch list (drawn now for this epoch if none yet)."""
@@ -145,7 +157,7 @@ class ShuffleSampler(EpochSampler):
     def _draw(self, rng: np.random.Generator) -> np.ndarray:
         return rng.permutation(len(self.labels))
 
-    def expected_class_distribution(self) -> np.ndarray:
+    def expected_class_distribution(self, epoch: int | None = None) -> np.ndarray:
         return self._instance_balanced()
 
 
@@ -187,7 +199,7 @@ class WeightedSampler(EpochSampler):
     def _draw(self, rng: np.random.Generator) -> np.ndarray:
         return self._draw_by_class(rng, self._class_probs)
 
-    def expected_class_distribution(self) -> np.ndarray:
+    def expected_class_distribution(self, epoch: int | None = None) -> np.ndarray:
         return self._class_probs.copy()
 
 
@@ -249,7 +261,7 @@ class _ImblearnSampler(EpochSampler):
         # imblearn returns originals then additions in class order; shuffle for SGD.
         return rng.permutation(resampler.sample_indices_)
 
-    def expected_class_distribution(self) -> np.ndarray:
+    def expected_class_distribution(self, epoch: int | None = None) -> np.ndarray:
         return self._drawn_counts / self._drawn_counts.sum()
 
 
@@ -305,7 +317,7 @@ class ClassBalancedSampler(EpochSampler):
     def _draw(self, rng: np.random.Generator) -> np.ndarray:
         return self._draw_by_class(rng, self._class_balanced())
 
-    def expected_class_distribution(self) -> np.ndarray:
+    def expected_class_distribution(self, epoch: int | None = None) -> np.ndarray:
         return self._class_balanced()
 
 
@@ -330,15 +342,19 @@ class ProgressiveSampler(EpochSampler):
         self.num_epochs = _positive_int("num_epochs", num_epochs, 1)
         self.num_samples = _positive_int("num_samples", num_samples, len(self.labels))
 
+    def balance_at(self, epoch: int) -> float:
+        """Weight t/T of the class-balanced component at ``epoch``, in [0, 1]."""
+        t_max = self.num_epochs - 1
+        return 1.0 if t_max == 0 else min(epoch / t_max, 1.0)
+
     @property
     def balance(self) -> float:
-        """Weight t/T of the class-balanced component at the current epoch, in [0, 1]."""
-        t_max = self.num_epochs - 1
-        return 1.0 if t_max == 0 else min(self.epoch / t_max, 1.0)
+        """:meth:`balance_at` the current epoch."""
+        return self.balance_at(self.epoch)
 
     def _draw(self, rng: np.random.Generator) -> np.ndarray:
         return self._draw_by_class(rng, self.expected_class_distribution())
 
-    def expected_class_distribution(self) -> np.ndarray:
-        a = self.balance
+    def expected_class_distribution(self, epoch: int | None = None) -> np.ndarray:
+        a = self.balance_at(self.epoch if epoch is None else epoch)
         return (1.0 - a) * self._instance_balanced() + a * self._class_balanced()

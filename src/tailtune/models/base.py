@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
@@ -26,6 +27,12 @@ class ClassifierModule(L.LightningModule):
     starts at ``logit_adjust_tau``, ``b`` at 0 and ``T`` at 1; the steps named in ``posthoc``
     (``logit_adjust``, ``bias``, ``temperature``) are tuned on validation predictions after
     training (:meth:`fit_posthoc`). All three are buffers, so checkpoints carry them.
+
+    ``prior`` is the class prior the logits were *trained* under (:meth:`trained_log_prior`):
+    the distribution the sampler drew in the epoch, shifted by what the loss corrects (a
+    re-weighted or balanced-softmax loss already removes it). So ``tau = 1`` is the Bayes
+    correction towards balanced classes for any sampler and loss, and logit adjustment never
+    corrects what training already corrected. It is updated every epoch and checkpointed.
     """
 
     def __init__(
@@ -45,8 +52,7 @@ class ClassifierModule(L.LightningModule):
         self.logit_adjust_tau = logit_adjust_tau
         self.confusion_every_n_epochs = confusion_every_n_epochs
         self.log_figures = log_figures
-        counts = torch.tensor(info.class_counts, dtype=torch.float32).clamp_min(1.0)
-        self.register_buffer("log_prior", (counts / counts.sum()).log(), persistent=False)
+        self.register_buffer("log_prior", self.trained_log_prior(info.class_counts))
         self.posthoc = self._posthoc_steps(posthoc)
         self.register_buffer("posthoc_tau", torch.tensor(float(logit_adjust_tau)))
         self.register_buffer("posthoc_bias", torch.zeros(info.num_classes))
@@ -95,18 +101,46 @@ class ClassifierModule(L.LightningModule):
 
     @torch.no_grad()
     def predict_images(self, images: Tensor) -> Tensor:
-        """Class probabilities for a batch of ``[0, 1]`` images of any size."""
-        return self.eval_logits(images.to(self.device)).float().softmax(dim=1)
+        """Class probabilities for a batch ``[N, 3, H, W]`` of any size: floats in ``[0, 1]``
+        or uint8. They are served as training served in-memory images (resized to the
+        data's ``image_size``, :func:`~tailtune.data.images.serve_images`), then the model
+        resizes and normalises them for its backbone, as in training."""
+        from tailtune.data.images import serve_images
+
+        return self.predict_proba(serve_images(images, self.info.image_size))
+
+    @torch.no_grad()
+    def predict_proba(self, inputs: Tensor) -> Tensor:
+        """Class probabilities for inputs as the data loaders serve them."""
+        return self.eval_logits(inputs.to(self.device)).float().softmax(dim=1)
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self.predict_images(images)
+        inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self.predict_proba(inputs)
 
     # -- training -------------------------------------------------------------------------
+    def trained_log_prior(self, sampled_counts: Sequence[float]) -> Tensor:
+        """Log of the class prior the logits fit when trained on batches drawn with
+        ``sampled_counts`` under the current loss state (normalised)."""
+        counts = torch.as_tensor(np.asarray(sampled_counts, dtype=np.float64)).float()
+        shift = getattr(self.criterion, "logit_prior_shift", None)
+        log_prior = counts.clamp_min(1.0).log() + (shift() if shift else 0.0)
+        return log_prior.log_softmax(dim=0)
+
+    def sampled_class_counts(self, epoch: int) -> Sequence[float]:
+        """What the training loader draws in ``epoch``, as its datamodule says (the real
+        training counts when it does not)."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        counts = getattr(datamodule, "train_class_counts", None)
+        return counts(epoch) if counts is not None else self.info.class_counts
+
     def on_train_epoch_start(self) -> None:
-        # Schedules (e.g. deferred re-weighting) derive from the epoch, so resume is exact.
+        # Schedules (deferred re-weighting, a progressive sampler's prior) derive from the
+        # epoch, so resume is exact.
         if hasattr(self.criterion, "set_epoch"):
             self.criterion.set_epoch(self.current_epoch)
+        prior = self.trained_log_prior(self.sampled_class_counts(self.current_epoch))
+        self.log_prior.copy_(prior.to(self.log_prior))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, targets = batch
@@ -268,3 +302,6 @@ def _default_posthoc_state(module: ClassifierModule, state_dict: dict[str, Tenso
                            *args: Any) -> None:
     for name in ("posthoc_tau", "posthoc_bias", "posthoc_temperature"):
         state_dict.setdefault(prefix + name, getattr(module, name).detach().clone())
+    # Checkpoints from before the trained prior was stored adjusted with the raw prior.
+    counts = torch.tensor(module.info.class_counts, dtype=torch.float32).clamp_min(1.0)
+    state_dict.setdefault(prefix + "log_prior", (counts / counts.sum()).log())

@@ -12,7 +12,7 @@ ensemble's checkpoint carries.
 
 - ``mean_prob``: soft vote, ``log mean_m softmax(z_m)``.
 - ``mean_logit``: ``mean_m z_m``.
-- ``majority``: hard vote; ties go to the higher mean probability.
+- ``majority``: hard vote; only exact ties go to the higher mean probability.
 - ``weighted``: ``log sum_m w_m softmax(z_m)``, weights on the simplex chosen on validation
   to maximise balanced accuracy (or fixed with ``weights=[...]``).
 - ``stacking``: a ``LogisticRegression(class_weight='balanced')`` on the members'
@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# Tie-break weight of the mean probability in hard votes: small enough never to overturn a
-# vote (votes differ by >= 1/M), large enough to order tied classes.
-_TIE_BREAK = 1e-3
+# Vote shares closer than this are ties (float sums of equal weights in another order).
+_TIE = 1e-9
+# Log-score lead given to a hard vote's winner: above float32 rounding, so argmax finds it.
+_WIN = 1e-6
 _FLOOR = 1e-12
 
 
@@ -98,16 +99,25 @@ class MeanLogit(Combiner):
 
 
 def weighted_vote(logits_per_member: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """Log of ``sum_m w_m onehot(argmax z_m)`` (normalised), ties by the mean probability."""
-    z = _stack(logits_per_member)
-    w = torch.as_tensor(list(weights), dtype=torch.float32)
+    """Log of the vote shares ``sum_m w_m onehot(argmax z_m)`` (normalised).
+
+    The order is strictly lexicographic: the largest share wins, however small its lead;
+    only classes tied at the top share (within float error) are ordered by the members' mean
+    probability. The winner's score gets a lead of ``_WIN`` so that ``argmax`` finds it.
+    """
+    z = _stack(logits_per_member).double()
+    w = torch.as_tensor(list(weights), dtype=torch.float64)
     if len(w) != len(z):
         raise ValueError(f"{len(w)} weights for {len(z)} members")
     w = w / w.sum().clamp_min(_FLOOR)
-    votes = torch.nn.functional.one_hot(z.argmax(dim=2), z.shape[2]).float()  # [M, N, K]
-    share = (w[:, None, None] * votes).sum(dim=0)
+    votes = torch.nn.functional.one_hot(z.argmax(dim=2), z.shape[2]).double()  # [M, N, K]
+    share = (w[:, None, None] * votes).sum(dim=0)                                # [N, K]
+    tied = share >= share.max(dim=1, keepdim=True).values - _TIE
     mean_prob = z.softmax(dim=2).mean(dim=0)
-    return ((1 - _TIE_BREAK) * share + _TIE_BREAK * mean_prob).clamp_min(_FLOOR).log()
+    winner = torch.where(tied, mean_prob, -1.0).argmax(dim=1)  # lexicographic: share, then p
+    score = share.clamp_min(_FLOOR).log()
+    score[torch.arange(len(score)), winner] += _WIN
+    return score.float()
 
 
 class Majority(Combiner):

@@ -63,6 +63,13 @@ class EnsembleModule(ClassifierModule):
         self.training_mode = training
         # Joint: one optimizer per member, stepped together.
         self.automatic_optimization = training != "joint"
+        self.log_prior.copy_(self.members_log_prior())
+
+    def members_log_prior(self) -> Tensor:
+        """The prior the combined scores were trained under: the members' trained priors,
+        averaged in log space (exact for ``mean_logit``, and when members agree)."""
+        stacked = torch.stack([m.log_prior.detach().float().cpu() for m in self.members])
+        return stacked.mean(dim=0).log_softmax(dim=0)
 
     # -- inference ------------------------------------------------------------------------
     def member_logits(self, images: Tensor) -> list[Tensor]:
@@ -96,6 +103,7 @@ class EnsembleModule(ClassifierModule):
         super().on_train_epoch_start()
         for member in self.members:
             member.on_train_epoch_start()
+        self.log_prior.copy_(self.members_log_prior().to(self.log_prior))
 
     def on_fit_start(self) -> None:
         for member in self.members:
