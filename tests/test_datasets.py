@@ -251,7 +251,7 @@ def test_a_file_that_is_not_idx_is_refused(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_lt_trains_offline(tmp_path):
-    result = run_cli("tailtune-train", "data=fashion_mnist_lt", "debug=smoke",
+    result = run_cli("tailtune-train", "data=fashion_mnist_lt", "debug=smoke", "subsample=null",
                      "data.source.download=false", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads(next((tmp_path / "logs").rglob("metrics.json")).read_text())

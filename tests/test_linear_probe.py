@@ -128,7 +128,7 @@ def test_probe_agrees_with_scikit_learn_on_the_cached_features(smoke_cfg):
     logistic regression reach the same balanced accuracy on the same cached features."""
     cfg, choices = smoke_cfg("model=linear_probe", "loss=weighted_ce", "trainer.max_epochs=15",
                              "trainer.limit_train_batches=null", "trainer.limit_val_batches=null",
-                             "trainer.limit_test_batches=null")
+                             "trainer.limit_test_batches=null", "subsample=null")
     train(cfg, choices)
     probe = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())["test"]
     datamodule, _ = pipeline.build_experiment(cfg)  # a cache hit: the features trained on

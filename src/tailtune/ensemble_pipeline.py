@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -34,11 +35,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader, Dataset
 
 from tailtune import pipeline
+from tailtune.console import track
 from tailtune.data.datamodule import ImbalancedDataModule
 from tailtune.data.info import DatasetInfo
 from tailtune.models.base import ClassifierModule
 from tailtune.models.combiners import Combiner, Samme
 from tailtune.models.ensemble import EnsembleModule
+
+log = logging.getLogger(__name__)
 
 # cfg.model keys that configure EnsembleModule itself (the rest say how to build members).
 MODULE_KEYS = ("_target_", "_partial_", "training", "logit_adjust_tau", "posthoc",
@@ -172,11 +176,13 @@ def device_for(cfg: DictConfig) -> str:
 
 @torch.no_grad()
 def dataset_logits(model: ClassifierModule, dataset: Dataset, batch_size: int,
-                   device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+                   device: str = "cpu", description: str = "scoring"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(eval logits, targets)`` of a whole dataset, in its order; images or feature rows."""
     model = model.to(device).eval()
     logits, targets = [], []
-    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    for x, y in track(loader, description):
         logits.append(model.eval_logits(x.to(device)).float().cpu())
         targets.append(torch.as_tensor(y).long())
     model.cpu()
@@ -187,8 +193,9 @@ def split_logits(members: Sequence[ClassifierModule], images: ImbalancedDataModu
                  split: str, device: str) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Every member's logits on a split's raw images (each member resizes for itself). The
     same function serves training and assembling from checkpoints, so both agree exactly."""
-    outputs = [dataset_logits(m, images.datasets[split], images.eval_batch_size, device)
-               for m in members]
+    outputs = [dataset_logits(m, images.datasets[split], images.eval_batch_size, device,
+                              f"scoring member {i + 1}/{len(members)} on {split}")
+               for i, m in enumerate(members)]
     return [z for z, _ in outputs], outputs[0][1]
 
 
@@ -374,7 +381,8 @@ def fit_ensemble(cfg: DictConfig, run_dir: Path, choices: dict[str, str],
     combiner = build_combiner(cfg)
     images = pipeline.build_datamodule(cfg)
     check_ensemble(cfg, images, combiner)
-    images.print_summary()
+    if pipeline.is_rank_zero():
+        images.print_summary()
     device = device_for(cfg)
     if cfg.model.get("training", "sequential") == "joint":
         ensemble, extra = _fit_joint(cfg, specs, images, combiner, run_dir)
@@ -428,7 +436,9 @@ def _fit_sequential(cfg: DictConfig, specs: list[tuple[str, DictConfig]],
     train_labels = images.split_labels("train")
     weights = ensembles.samme_initial_weights(train_labels) if boosting == "samme" else None
     members, names, extra, alphas = [], [], {}, []
-    for name, mcfg in specs:
+    for number, (name, mcfg) in enumerate(specs, start=1):
+        log.info("member %d/%d: %s (%s)", number, len(specs), name,
+                 mcfg.ensemble_member.kind)
         sampler = None
         if bagging == "under":
             sampler = _partial(ensembles.BalancedBagSampler, draw_seed=int(mcfg.seed))

@@ -40,8 +40,9 @@ def build_datamodule(cfg: DictConfig) -> ImbalancedDataModule:
     so concurrent ranks or sweep jobs do it once, one after another."""
     sampler = index_sampler(cfg, instantiate(cfg.sampler) if cfg.get("sampler") else None)
     transform = instantiate(cfg.transforms) if cfg.get("transforms") else None  # train only
+    limit = {"subsample": int(cfg.subsample)} if cfg.get("subsample") else {}  # debug=smoke
     datamodule = instantiate(cfg.data, sampler=sampler, seed=cfg.get("seed", 0),
-                             train_transform=transform)
+                             train_transform=transform, **limit)
     lock_dir = Path(cfg.paths.cache_dir)
     lock_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock_dir / "data-setup.lock")):

@@ -14,9 +14,10 @@ register_resolvers()
 
 def evaluate(cfg: DictConfig) -> dict:
     """Test a checkpoint on the split it was trained with; writes its own metrics.json."""
-    from tailtune import pipeline
+    from tailtune import console, pipeline
     from tailtune.run_record import RunRecord
 
+    console.setup()
     if (cfg.get("model") or {}).get("_target_"):  # model=ensemble model.checkpoints=[...]
         return evaluate_ensemble(cfg)
     checkpoint = pipeline.read_checkpoint(cfg.ckpt_path)
@@ -39,17 +40,18 @@ def evaluate(cfg: DictConfig) -> dict:
             pipeline.write_test_artifacts(model, run_dir)
     except BaseException as err:
         record.fail(err)
+        console.print_failure(run_dir, err)
         raise
     results.update({"ckpt_path": str(cfg.ckpt_path), "dataset": datamodule.info.to_dict()})
     record.finish(results)
-    print(f"run dir: {run_dir}")
+    console.print_results(results, run_dir, title=f"{cfg.split} metrics")
     return results
 
 
 def evaluate_ensemble(cfg: DictConfig) -> dict:
     """Assemble an ensemble from trained runs' checkpoints (no retraining): fit the combiner
     on validation, report test; writes metrics.json and the ensemble's own checkpoint."""
-    from tailtune import ensemble_pipeline
+    from tailtune import console, ensemble_pipeline
     from tailtune.run_record import RunRecord
 
     if not ensemble_pipeline.is_ensemble(cfg):
@@ -62,15 +64,20 @@ def evaluate_ensemble(cfg: DictConfig) -> dict:
         results = ensemble_pipeline.assemble_from_checkpoints(cfg, run_dir)
     except BaseException as err:
         record.fail(err)
+        console.print_failure(run_dir, err)
         raise
     record.finish(results)
-    print(f"run dir: {run_dir}")
+    console.print_results(results, run_dir, title="ensemble of "
+                          f"{len(results.get('members', {}))} checkpoints")
     return results
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 @readable_errors
 def main(cfg: DictConfig) -> None:
+    from tailtune.console import capture_warnings
+
+    capture_warnings()
     evaluate(cfg)
 
 

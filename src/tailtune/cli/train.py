@@ -18,16 +18,26 @@ from tailtune.cli.config import (
 register_resolvers()
 
 
+def note_disabled_figures(cfg: DictConfig, choices: dict[str, str]) -> None:
+    """Say so when figures (confusion matrices) are off, e.g. under debug=smoke."""
+    import logging
+
+    if (cfg.get("model") or {}).get("log_figures", True) is False:
+        by = f", set by debug={choices['debug']}" if choices.get("debug") else ""
+        logging.getLogger("tailtune").info(
+            "figures off (model.log_figures=false%s): no confusion matrices in TensorBoard", by)
+
+
 def train(cfg: DictConfig, choices: dict[str, str] | None = None,
           overrides: list[str] | None = None) -> float:
     """Fit and test one run; returns ``cfg.optimized_metric`` for sweepers."""
     check_train_config(cfg, choices)  # before torch is imported: bad input fails in a second
-    from rich.console import Console
-
+    from tailtune import console as output
     from tailtune import ensemble_pipeline, pipeline
     from tailtune.run_record import RunRecord, finished_metrics
 
-    console = Console(stderr=True)
+    output.setup()
+    console = output.CONSOLE
     run_dir = Path(cfg.paths.output_dir)
     done = finished_metrics(run_dir)
     if done is not None:  # a finished run is never overwritten
@@ -42,14 +52,17 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
     try:
         pipeline.reset_process_state(cfg)  # joblib reuses worker processes between jobs
         record.save_config(pipeline.config_yaml(cfg))
-        console.print(pipeline.config_tree(cfg))
+        if record.rank_zero:  # once, not once per DDP rank
+            console.print(pipeline.config_tree(cfg))
+            note_disabled_figures(cfg, choices or {})
 
         if ensemble_pipeline.is_ensemble(cfg):  # members, then a combiner fitted on val
             metrics = ensemble_pipeline.fit_ensemble(cfg, run_dir, choices or {},
                                                      overrides or [])
         else:
             datamodule, model = pipeline.build_experiment(cfg)
-            datamodule.print_summary(console)
+            if record.rank_zero:
+                datamodule.print_summary(console)
             trainer = pipeline.build_trainer(
                 cfg, run_dir, pipeline.training_callbacks(cfg, datamodule),
                 pipeline.build_loggers(cfg, run_name=pipeline.run_name(overrides)))
@@ -67,12 +80,12 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
             pipeline.log_final_metrics(trainer, metrics)
     except BaseException as err:
         record.fail(err)
+        output.print_failure(run_dir, err)
         if isinstance(err, SystemExit) and not err.code:  # Lightning's SIGTERM exit is code 0
             raise SystemExit(143) from err
         raise
     record.finish(metrics)
-    if record.rank_zero:
-        console.print(f"[bold green]run dir:[/] {run_dir}")
+    output.print_results(metrics, run_dir)
     return pipeline.optimized_value(metrics, cfg.optimized_metric)
 
 
@@ -81,6 +94,9 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
+    from tailtune.console import capture_warnings
+
+    capture_warnings()
     hydra_cfg = HydraConfig.get()
     return train(cfg, dict(hydra_cfg.runtime.choices), list(hydra_cfg.overrides.task))
 

@@ -24,7 +24,12 @@ from tailtune.data.images import (
     resize_uint8,
 )
 from tailtune.data.info import DatasetInfo
-from tailtune.data.longtail import make_long_tailed, split_fingerprint, stratified_split
+from tailtune.data.longtail import (
+    make_long_tailed,
+    split_fingerprint,
+    stratified_split,
+    stratified_subsample,
+)
 from tailtune.data.sources import LabeledImages
 
 SPLITS = ("train", "val", "test")
@@ -126,6 +131,10 @@ class ImbalancedDataModule(L.LightningDataModule):
     Decoded sources stay in memory. Image files are decoded once into a uint8 array
     (memory-mapped under ``cache_dir``) when ``decode=eager``, or per item in the loader
     workers when ``decode=lazy``; ``auto`` picks eager up to 64 px.
+
+    ``subsample`` (quick checks: ``debug=smoke``) keeps about that many images of each split
+    after the long tail, in class proportions and at least one per class, so that decoding,
+    feature extraction and ensemble scoring are bounded too; it changes the split fingerprint.
     """
 
     def __init__(
@@ -148,6 +157,7 @@ class ImbalancedDataModule(L.LightningDataModule):
         decode: str = "auto",
         resize: str = "squash",
         cache_dir: str | None = None,
+        subsample: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -181,6 +191,7 @@ class ImbalancedDataModule(L.LightningDataModule):
         self.decode = decode
         self.resize = resize
         self.cache_dir = cache_dir
+        self.subsample = subsample
         self.split_indices: dict[str, np.ndarray] = {}
         self.datasets: dict[str, ArrayImageDataset | FileImageDataset] = {}
         self.train_sampler: Sampler[int] | None = None
@@ -201,6 +212,10 @@ class ImbalancedDataModule(L.LightningDataModule):
             self.split_indices["train"], labels, num_classes, self.imbalance_ratio,
             self.imbalance_profile, seed=self.split_seed,
         )
+        if self.subsample:  # quick checks (debug=smoke): every phase sees a few images
+            self.split_indices = {
+                split: stratified_subsample(idx, labels, self.subsample, self.split_seed)
+                for split, idx in self.split_indices.items()}
         counts = np.bincount(labels[self.split_indices["train"]], minlength=num_classes)
         empty = [data.class_names[c] for c in np.flatnonzero(counts == 0)]
         if empty:
@@ -336,12 +351,16 @@ class ImbalancedDataModule(L.LightningDataModule):
             table.add_row(name, *(str(per_split[s][c]) for s in SPLITS))
         table.add_row("total", *(str(per_split[s].sum()) for s in SPLITS), style="bold")
         notes = [f"images {self.decoded} at {self.image_size} px"]
+        if self.subsample:
+            notes.append(f"subsampled to about {self.subsample} images per split (subsample)")
         notes += [f"skipped {len(files)} file(s): {why}" for why, files in self.skipped.items()]
         table.caption = "; ".join(notes)
         return table
 
     def print_summary(self, console: Console | None = None) -> None:
-        (console or Console()).print(self.summary_table())
+        from tailtune.console import CONSOLE  # stderr, with the other diagnostics
+
+        (console or CONSOLE).print(self.summary_table())
 
     # -- loaders ---------------------------------------------------------------------------
     def _loader(self, split: str, sampler: Sampler[int] | None = None) -> DataLoader:

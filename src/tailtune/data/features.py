@@ -33,6 +33,7 @@ from rich.table import Table
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from tailtune.console import track
 from tailtune.data.datamodule import EvalShardSampler, ImbalancedDataModule
 from tailtune.data.info import DatasetInfo
 from tailtune.features import FeatureCache, FeatureExtractor, cache_key, indices_sha256
@@ -89,7 +90,7 @@ def transform_identity(images: ImbalancedDataModule) -> dict[str, Any]:
 @torch.no_grad()
 def extract_features(dataset: Dataset, extractor: FeatureExtractor, batch_size: int = 256,
                      device: str | torch.device = "cpu", num_workers: int = 0,
-                     ) -> tuple[Tensor, Tensor]:
+                     description: str = "extracting features") -> tuple[Tensor, Tensor]:
     """Features ``[N, D]`` (in the extractor's dtype, on CPU) and labels ``[N]`` of a dataset,
     in its order."""
     # Its own generator: a loader without one draws its base seed from the global RNG, and a
@@ -101,7 +102,7 @@ def extract_features(dataset: Dataset, extractor: FeatureExtractor, batch_size: 
     extractor.to(device).eval()
     features, labels = [], []
     try:
-        for images, targets in loader:
+        for images, targets in track(loader, description):
             features.append(extractor(images.to(device)).cpu())
             labels.append(torch.as_tensor(targets, dtype=torch.long))
     finally:
@@ -198,7 +199,8 @@ class FeatureDataModule(L.LightningDataModule):
 
         def create() -> tuple[Tensor, Tensor]:
             return extract_features(dataset, self.extractor, self.extract_batch_size,
-                                    self.device, self.images.num_workers)
+                                    self.device, self.images.num_workers,
+                                    description=f"extracting {split} features")
 
         if self.cache is None:
             features, labels = create()

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from tailtune.console import track
+
 RESIZE_MODES = ("squash", "center_crop")
 # Files an OS or a file manager leaves behind; never read.
 JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"})
@@ -185,7 +187,8 @@ def scan_images(paths: Sequence[Path], cache_file: Path | None = None,
             stats[str(path)] = [-1, -1]
     todo = [p for p in paths if cached.get(str(p), [None, None])[:2] != stats[str(p)]]
     with ThreadPoolExecutor(_workers()) as pool:
-        for path, status in zip(todo, pool.map(check, todo), strict=True):
+        checked = track(pool.map(check, todo), "checking image files", total=len(todo))
+        for path, status in zip(todo, checked, strict=True):
             cached[str(path)] = [*stats[str(path)], status]
     result = ScanResult()
     for path in paths:
@@ -236,7 +239,7 @@ def decode_all(paths: Sequence[Path], size: int, resize: str = "squash",
         images[item[0]] = decode_image(item[1], size, resize)
 
     with ThreadPoolExecutor(_workers()) as pool:
-        list(pool.map(fill, enumerate(paths)))
+        list(track(pool.map(fill, enumerate(paths)), "decoding images", total=len(paths)))
     if cache_file is None:
         return images
     cache_file.parent.mkdir(parents=True, exist_ok=True)

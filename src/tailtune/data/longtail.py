@@ -69,6 +69,22 @@ def stratified_split(
     return np.sort(rest), np.sort(carved)
 
 
+def stratified_subsample(indices: np.ndarray, labels: np.ndarray, size: int, seed: int
+                         ) -> np.ndarray:
+    """At most about ``size`` of ``indices`` in their class proportions (never fewer than one
+    of each class present), drawn with ``seed``, sorted: the ``subsample`` of quick checks."""
+    indices = np.asarray(indices)
+    if len(indices) <= size:
+        return indices
+    y = labels[indices]
+    classes, counts = np.unique(y, return_counts=True)
+    quota = np.maximum(1, np.floor(counts * size / len(indices))).astype(int)
+    rng = np.random.default_rng(seed)
+    kept = [rng.choice(indices[y == c], q, replace=False)
+            for c, q in zip(classes, quota, strict=True)]
+    return np.sort(np.concatenate(kept))
+
+
 def split_fingerprint(name: str, splits: dict[str, np.ndarray]) -> str:
     """Short hash of the dataset name and the exact split indices."""
     digest = hashlib.sha256(name.encode())
