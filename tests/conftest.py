@@ -59,3 +59,17 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600):
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([str(script), *args[1:]], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def assert_test_metrics_match_sklearn(run_dir: Path, metrics: dict) -> None:
+    """The run's reported test accuracy and balanced accuracy equal scikit-learn's on the
+    per-image predictions the run stored (an independent reference, not a range check)."""
+    import numpy as np
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    stored = np.load(Path(run_dir) / "test_predictions.npz")
+    targets, preds = stored["targets"], stored["probs"].argmax(axis=1)
+    assert len(targets) > 0
+    assert metrics["test"]["acc"] == pytest.approx(accuracy_score(targets, preds), abs=1e-6)
+    assert metrics["test"]["bal_acc"] == pytest.approx(
+        balanced_accuracy_score(targets, preds), abs=1e-6)

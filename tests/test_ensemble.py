@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from conftest import compose_config, run_cli
+from conftest import assert_test_metrics_match_sklearn, compose_config, run_cli
 from tailtune import ensemble_pipeline, pipeline
 from tailtune.cli.evaluate import evaluate
 from tailtune.cli.train import train
@@ -351,7 +351,7 @@ def test_joint_training_sums_member_losses_in_one_run(smoke_cfg):
     run_dir = Path(cfg.paths.output_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["members"]) == {"0-efficientnet_lite0", "1-efficientnet_lite1"}
-    assert 0.0 <= metrics["test"]["bal_acc"] <= 1.0
+    assert_test_metrics_match_sklearn(run_dir, metrics)
     model = pipeline.load_checkpoint_model(run_dir / "checkpoints" / "best.ckpt")
     assert [type(m).__name__ for m in model.members] == ["FineTuneModule", "LinearProbeModule"]
 

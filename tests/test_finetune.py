@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import lightning as L
 import pytest
@@ -29,6 +30,19 @@ class Snapshots(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 0:  # the lr the epoch's first step uses
             self.lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+
+class GradientProbe(L.Callback):
+    """Whether any backbone parameter held a gradient after each training step, per epoch."""
+
+    def __init__(self) -> None:
+        self.backbone_grad: dict[int, bool] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        got = any(p.grad is not None and bool(p.grad.abs().sum() > 0)
+                  for p in pl_module.backbone.parameters())
+        epoch = trainer.current_epoch
+        self.backbone_grad[epoch] = self.backbone_grad.get(epoch, False) or got
 
 
 class StopAfter(L.Callback):
@@ -94,3 +108,31 @@ def test_resume_matches_an_uninterrupted_run(smoke_cfg, tmp_path, stop_epoch):
     resumed, trainer = fit(cfg, tmp_path / "parts", ckpt_path=str(last))
     assert trainer.current_epoch == 4
     assert _same(whole.state_dict(), resumed.state_dict())
+
+
+def test_lr_schedule_and_gradients_across_the_unfreeze_boundary(smoke_cfg, tmp_path):
+    """Head at lr from step 0, backbone at lr * backbone_lr_ratio from unfreeze_at on, each
+    warming up from its own start, and no gradient reaches the backbone while it is frozen."""
+    cfg, _ = smoke_cfg("trainer.max_epochs=4", "model.unfreeze_at=2", "model.lr=0.01",
+                       "model.backbone_lr_ratio=0.25", "model.scheduler.warmup_epochs=1",
+                       "model.scheduler.min_lr_ratio=0.0", "trainer.limit_val_batches=1")
+    snaps, grads = Snapshots(), GradientProbe()
+    fit(cfg, tmp_path / "run", [snaps, grads])
+    steps_per_epoch, total = 2, 8  # limit_train_batches=2 (debug=smoke)
+
+    def reference(step: int, start: int) -> float:  # linear warm-up, then cosine to 0
+        if step < start:
+            return 0.0
+        t = step - start
+        if t < steps_per_epoch:
+            return (t + 1) / steps_per_epoch
+        progress = (t - steps_per_epoch) / (total - start - steps_per_epoch)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    for epoch, (head_lr, backbone_lr) in enumerate(snaps.lrs):
+        step = epoch * steps_per_epoch
+        assert head_lr == pytest.approx(0.01 * reference(step, 0), rel=1e-6)
+        assert backbone_lr == pytest.approx(0.01 * 0.25 * reference(step, 4), rel=1e-6)
+    assert snaps.lrs[1][1] == 0.0 and snaps.lrs[2][1] == pytest.approx(0.01 * 0.25 / 2)
+    assert snaps.lrs[3][1] == pytest.approx(0.01 * 0.25)  # after warm-up: lr * ratio
+    assert grads.backbone_grad == {0: False, 1: False, 2: True, 3: True}

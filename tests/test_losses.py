@@ -75,6 +75,32 @@ def test_focal_matches_definition(batch):
     assert torch.allclose(FocalLoss(COUNTS, gamma=2.0)(logits, target), want)
 
 
+def test_focal_with_per_class_alpha_and_gamma_matches_definition(batch):
+    # Lin et al. 2017, softmax form: -alpha_y (1 - p_y)^gamma log p_y, mean over sum alpha_y.
+    logits, target = batch
+    alpha = torch.tensor([0.1, 0.2, 0.3, 0.4, 2.0])
+    for gamma in (0.5, 2.0):
+        p = logits.softmax(1).gather(1, target[:, None]).squeeze(1)
+        a = alpha[target]
+        want = (-a * (1 - p) ** gamma * p.log()).sum() / a.sum()
+        got = FocalLoss(COUNTS, gamma=gamma, alpha=alpha.tolist())(logits, target)
+        assert torch.allclose(got, want, atol=1e-6), gamma
+
+
+def test_class_balanced_focal_matches_cui_et_al(batch):
+    # Cui et al. 2019: focal loss weighted by (1 - beta) / (1 - beta^n_y), weights summing to K.
+    logits, target = batch
+    beta, gamma = 0.999, 0.5
+    n = torch.tensor(COUNTS, dtype=torch.float64).clamp_min(1)
+    w = (1 - beta) / (1 - beta ** n)
+    w = (w * len(n) / w.sum()).float()
+    p = logits.softmax(1).gather(1, target[:, None]).squeeze(1)
+    a = w[target]
+    want = (-a * (1 - p) ** gamma * p.log()).sum() / a.sum()
+    got = ClassBalancedLoss(COUNTS, beta=beta, base="focal", gamma=gamma)(logits, target)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
 def test_balanced_softmax_is_ce_on_logits_plus_log_counts(batch):
     logits, target = batch
     shifted = logits + torch.tensor(COUNTS, dtype=logits.dtype).log()

@@ -239,7 +239,7 @@ def test_submitit_slurm_config_renders_a_valid_sbatch_script(tmp_path, monkeypat
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()
                                   if v is not None})
     text = executor._executor._make_submission_file_text("python -m tailtune", "uid")
-    assert "${hydra.sweep.dir}" in str(folder) or folder
+    assert folder == f"{cfg.hydra.sweep.dir}/.submitit/%j"  # each sweep keeps its own logs
     for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=4",
                  "#SBATCH --ntasks-per-node=4", "#SBATCH --cpus-per-task=8",
                  "#SBATCH --signal=USR2@120", "#SBATCH --time=240"):
