@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,7 @@ from PIL import Image
 import tailtune.pipeline  # noqa: F401 - Lightning's log handlers bind to the session's stderr
 from conftest import compose_config, run_cli
 from tailtune.cli import evaluate as eval_cli
+from tailtune.cli import predict as predict_cli
 from tailtune.cli import train as train_cli
 
 TAILTUNE_HINT = "(set TAILTUNE_DEBUG=1 to see the traceback)"
@@ -60,13 +63,16 @@ def assert_no_complete_run(root: Path) -> None:
 @pytest.fixture
 def cli(tmp_path, monkeypatch, capfd) -> Callable[..., tuple[int | str | None, str]]:
     """``cli(*overrides, script="train")`` -> (exit code, stderr) of the entry point run
-    in-process, as ``tailtune-train debug=smoke <overrides>`` would, in ``tmp_path``."""
+    in-process, as ``tailtune-train debug=smoke <overrides>`` would, in ``tmp_path``
+    (``tailtune-predict`` has no debug group: no ``debug=smoke`` there)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
     def run(*overrides: str, script: str = "train") -> tuple[int | str | None, str]:
-        main = {"train": train_cli.main, "eval": eval_cli.main}[script]
-        monkeypatch.setattr(sys, "argv", [f"tailtune-{script}", "debug=smoke",
+        main = {"train": train_cli.main, "eval": eval_cli.main,
+                "predict": predict_cli.main}[script]
+        smoke = [] if script == "predict" else ["debug=smoke"]
+        monkeypatch.setattr(sys, "argv", [f"tailtune-{script}", *smoke,
                                           f"paths.log_dir={tmp_path / 'logs'}", *overrides])
         GlobalHydra.instance().clear()  # as in a fresh process
         root, handlers, level = logging.getLogger(), logging.getLogger().handlers[:], \
@@ -122,7 +128,11 @@ def folder_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
     ("args", "expected"),
     [
         pytest.param(["loss=nope"], "Available options in 'loss'", id="unknown-loss-option"),
-        pytest.param(["model.lrr=1e-3"], "Could not override 'model.lrr'", id="typo-in-key"),
+        pytest.param(["model.lrr=1e-3"], "model.lrr is not a setting of FineTuneModule; "
+                     "did you mean model.lr?", id="typo-in-key"),
+        # Lightning would start 4 processes that each re-run the script and fail.
+        pytest.param(["trainer.devices=4"], "trainer.devices=4 with trainer.accelerator=cpu "
+                     "needs a DDP strategy", id="4-devices-on-cpu"),
         pytest.param(["ckpt_path=/no/such/run/last.ckpt"], "ckpt_path does not exist",
                      id="missing-ckpt-path"),
     ],
@@ -179,8 +189,11 @@ def test_a_typo_appended_with_plus_names_the_key(cli, tmp_path):
     [
         pytest.param(["data.imbalance_ratio=0.5"], "data.imbalance_ratio must be >= 1",
                      id="imbalance-ratio-below-1"),
-        pytest.param(["model.unfreeze_at=5", "trainer.max_epochs=2"], "after the last epoch",
-                     id="unfreeze-after-last-epoch"),
+        pytest.param(["model.unfreeze_at=5", "trainer.max_epochs=2"],
+                     "must be < trainer.max_epochs", id="unfreeze-after-last-epoch"),
+        # Epochs run 0..max_epochs-1: unfreezing at max_epochs never trains the backbone.
+        pytest.param(["model.unfreeze_at=2", "trainer.max_epochs=2"],
+                     "must be < trainer.max_epochs", id="unfreeze-at-max-epochs"),
         pytest.param(["model.backbone_lr_ratio=-0.1"], "model.backbone_lr_ratio must be >= 0",
                      id="negative-backbone-lr-ratio"),
         pytest.param(["data.batch_size=0"], "data.batch_size must be >= 1", id="batch-size-0"),
@@ -286,7 +299,7 @@ def test_evaluating_a_checkpoint_on_changed_data_is_refused(cli, tmp_path, folde
 
 def test_eval_of_a_missing_checkpoint_is_refused(cli, tmp_path):
     code, err = cli("ckpt_path=/no/such/best.ckpt", script="eval")
-    assert_one_readable_error(code, err, "checkpoint does not exist")
+    assert_one_readable_error(code, err, "ckpt_path does not exist: /no/such/best.ckpt")
     assert_no_complete_run(tmp_path)
 
 
@@ -296,3 +309,103 @@ def test_ensemble_with_no_members_is_refused(cli, tmp_path):
     code, err = cli("model=ensemble", "model.members=[]")
     assert_one_readable_error(code, err, "model.members is empty")
     assert_no_complete_run(tmp_path)
+
+
+# -- config validation: the schema, before torch and before any run dir --------------------------
+KEY_NOT_A_SETTING = "model.lrr is not a setting of FineTuneModule; did you mean model.lr?"
+BAD_CONFIG = [
+    pytest.param("train", ["data.image_size=0"], "data.image_size must be >= 1, got 0",
+                 id="image-size-0"),
+    pytest.param("train", ["data.image_size=abc"],
+                 "data.image_size must be an integer >= 1, got 'abc'", id="image-size-abc"),
+    # Once refused only after a whole epoch (ModelCheckpoint's monitor).
+    pytest.param("train", ["optimized_metric=val/bogus"],
+                 "optimized_metric='val/bogus' is not a metric tailtune logs", id="bogus-metric"),
+    # The best checkpoint is the highest value: a loss would keep the worst epoch.
+    pytest.param("train", ["optimized_metric=val/loss"],
+                 "optimized_metric=val/loss is lower-is-better", id="lower-is-better-metric"),
+    pytest.param("train", ["trainer.devices=4"],
+                 "trainer.devices=4 with trainer.accelerator=cpu needs a DDP strategy: use "
+                 "trainer=ddp_sim", id="4-devices-on-cpu"),
+    pytest.param("train", ["threads=-1"], "threads must be >= 1 or null (torch's default), "
+                 "got -1", id="threads-negative"),
+    pytest.param("train", ["threads=0"], "threads must be >= 1 or null (torch's default), "
+                 "got 0", id="threads-0"),
+    pytest.param("train", ["seed=-1"], "seed must be in [0, 4294967295], got -1",
+                 id="seed-negative"),
+    pytest.param("train", ["data.num_workers=-1"], "data.num_workers must be >= 0, got -1",
+                 id="num-workers-negative"),
+    pytest.param("train", ["model.lr=nan"], "model.lr must be a finite number > 0, got nan",
+                 id="lr-nan"),
+    pytest.param("train", ["trainer.max_epochs=0"], "trainer.max_epochs must be >= 1, got 0",
+                 id="max-epochs-0"),
+    pytest.param("train", ["data.imbalance_profile=linear"],
+                 "data.imbalance_profile must be one of exp, step, got 'linear'",
+                 id="unknown-choice"),
+    pytest.param("train", ["model=ensemble", "model.members=[efficientnet_lite0]"],
+                 "model.members=[efficientnet_lite0] has 1 member: an ensemble needs at least 2",
+                 id="one-member-ensemble"),
+    # Hydra itself would advise `+model.lrr=1`; appended that way, it is refused the same.
+    pytest.param("train", ["model.lrr=1"], KEY_NOT_A_SETTING, id="misspelt-key"),
+    pytest.param("train", ["+model.lrr=1"], KEY_NOT_A_SETTING, id="misspelt-key-appended"),
+    pytest.param("train", ["sed=1"], "sed is not a setting; did you mean seed?",
+                 id="misspelt-top-level-key"),
+    pytest.param("eval", ["ckpt_path={txt}"],
+                 "notes.txt is not a checkpoint (not a file written by torch.save)",
+                 id="eval-a-txt-file"),
+    pytest.param("eval", ["ckpt_path={txt}", "split=train"],
+                 "split must be one of test, val, got 'train'", id="eval-unknown-split"),
+    pytest.param("eval", [], "ckpt_path is required", id="eval-without-checkpoint"),
+    pytest.param("predict", ["ckpt_path={fake}", "input={tmp}"],
+                 "fake.ckpt is not a checkpoint (not a file written by torch.save)",
+                 id="predict-a-fake-checkpoint"),
+    pytest.param("predict", ["ckpt_path={fake}", "input={tmp}", "batch_size=0"],
+                 "batch_size must be >= 1, got 0", id="predict-batch-size-0"),
+]
+
+
+@pytest.mark.parametrize(("script", "args", "expected"), BAD_CONFIG)
+def test_bad_config_is_refused_before_any_run_dir(cli, tmp_path, script, args, expected):
+    """Each bad value: exit 2, one line naming the key, the value and what is valid; refused
+    by the Hydra callback before Hydra makes the run dir, so nothing is left behind."""
+    txt = tmp_path / "notes.txt"
+    txt.write_text("not a checkpoint\n")
+    fake = tmp_path / "fake.ckpt"  # random bytes, as a broken download
+    fake.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    code, err = cli(*(a.format(txt=txt, fake=fake, tmp=tmp_path) for a in args), script=script)
+    assert code == 2, err[-2000:]
+    assert_one_readable_error(code, err, expected)
+    assert not (tmp_path / "logs").exists()  # no run dir, not even an empty one
+
+
+def test_several_bad_values_are_reported_together(cli, tmp_path):
+    code, err = cli("data.image_size=0", "seed=-1", "model.lr=nan")
+    assert_one_readable_error(code, err, "data.image_size must be >= 1, got 0")
+    assert "seed must be" in err and "model.lr must be" in err
+
+
+def test_config_errors_come_before_torch_is_imported(tmp_path):
+    """The real console script: validation fails without importing torch (the 10-16 s of
+    start-up a range error used to cost)."""
+    script = Path(sys.executable).with_name("tailtune-train")
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(script), "debug=smoke", "data.image_size=abc"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "tailtune: error: data.image_size must be an integer >= 1, got 'abc'" in result.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "hydra" in imported and "torch" not in imported and "lightning" not in imported
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("args", [["trainer=ddp_sim"], ["trainer=ddp_sim", "trainer.devices=4"],
+                                  ["optimized_metric=val/recall/3"],
+                                  ["optimized_metric=val/macro_f1"]],
+                         ids=["ddp-sim", "ddp-sim-4", "recall-metric", "macro-f1-metric"])
+def test_valid_settings_near_the_refused_ones_pass(tmp_path, args):
+    from tailtune.cli.config import check_train_config
+
+    cfg, choices = compose_config("train", ["debug=smoke", *args], tmp_path / "run")
+    check_train_config(cfg, choices)  # 2 (or 4) CPU processes over gloo are legitimate

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -360,8 +361,16 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint does not exist: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "tailtune" not in checkpoint or "config" not in checkpoint["tailtune"]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a .txt, a truncated download, another tool's pickle
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        if isinstance(err, pickle.UnpicklingError):  # torch's text advises weights_only=False
+            reason = "it holds Python objects, not the plain data tailtune writes"
+        raise ValueError(f"{path} is not a tailtune checkpoint (torch.load could not read it: "
+                         f"{reason})") from err
+    if not isinstance(checkpoint, dict) or "tailtune" not in checkpoint \
+            or "config" not in checkpoint["tailtune"]:
         raise ValueError(f"{path} is not a tailtune checkpoint (no 'tailtune' metadata)")
     return checkpoint
 

@@ -5,11 +5,16 @@ Nothing here imports torch, so a bad config fails in about a second.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
+import math
 import os
+import re
 import secrets
+import signal
 import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -66,56 +71,166 @@ class ConfigError(ValueError):
 def _multi_process(trainer: Any) -> bool:
     devices = trainer.get("devices", 1)
     many = devices in (-1, "auto") or (isinstance(devices, int) and devices > 1)
-    return many or "ddp" in str(trainer.get("strategy", ""))
+    return many or "ddp" in str(trainer.get("strategy", "")).lower()
 
 
-def check_train_config(cfg: DictConfig, choices: dict[str, str] | None = None) -> None:
-    """Range and file checks that need no torch. Names are checked by Hydra itself."""
-    problems: list[str] = []
-    launcher = (choices or {}).get("hydra/launcher", "basic")
-    if launcher in ("joblib", "submitit_local") and _multi_process(cfg.trainer):
-        problems.append(
-            f"DDP cannot run inside the {launcher} launcher (its ranks would re-launch the "
-            "worker process, not this job); use the basic launcher locally, or "
-            "launcher=submitit_slurm with one task per GPU"
-        )
-    epochs = cfg.trainer.get("max_epochs")
-    model = cfg.get("model") or {}
-    data = cfg.get("data") or {}
-    if epochs is not None and epochs < 1:
-        problems.append(f"trainer.max_epochs must be >= 1, got {epochs}")
-    unfreeze = model.get("unfreeze_at")
-    if unfreeze is not None and epochs is not None and unfreeze > epochs:
-        problems.append(
-            f"model.unfreeze_at={unfreeze} is after the last epoch (trainer.max_epochs={epochs}); "
-            "the backbone would never train"
-        )
-    ratio = model.get("backbone_lr_ratio")
-    if ratio is not None and ratio < 0:
-        problems.append(f"model.backbone_lr_ratio must be >= 0, got {ratio}")
-    if model.get("lr") is not None and model.get("lr") <= 0:
-        problems.append(f"model.lr must be > 0, got {model.get('lr')}")
-    for key in ("batch_size", "eval_batch_size"):
-        value = data.get(key)
-        if value is not None and value < 1:
-            problems.append(f"data.{key} must be >= 1, got {value}")
-    if data.get("imbalance_ratio") is not None and data.imbalance_ratio < 1:
-        problems.append(f"data.imbalance_ratio must be >= 1, got {data.imbalance_ratio}")
-    backbone = cfg.get("backbone") or {}
-    if backbone.get("weights") == "file":
-        path = backbone.get("weights_path")
-        if not path:
-            problems.append("backbone.weights=file needs backbone.weights_path=/path/to/weights")
-        elif not Path(path).expanduser().is_file():
-            problems.append(f"backbone.weights_path does not exist: {path}")
-    ckpt = cfg.get("ckpt_path")
-    if ckpt not in (None, "auto") and not Path(ckpt).expanduser().is_file():
-        problems.append(f"ckpt_path does not exist: {ckpt}")
-    if cfg.get("resume") not in (None, "auto", "never"):
-        problems.append(f"resume must be auto or null, got {cfg.get('resume')}")
+def checkpoint_problem(path: Any, key: str = "ckpt_path") -> str | None:
+    """A checkpoint path that cannot be a checkpoint: missing, a folder, or not the zip
+    archive that ``torch.save`` writes (a ``.txt``, a truncated or fake file)."""
+    file = Path(str(path)).expanduser()
+    if not file.exists():
+        return f"{key} does not exist: {path}"
+    if not file.is_file():
+        return f"{key}={path} is a folder, not a checkpoint file (give its checkpoints/best.ckpt)"
+    if not zipfile.is_zipfile(file):
+        return (f"{key}={path} is not a checkpoint (not a file written by torch.save); give a "
+                "run's checkpoints/best.ckpt or last.ckpt")
+    return None
+
+
+def _config_dirs() -> list[Path]:
+    dirs = [Path(os.environ["TAILTUNE_CONFIG_DIR"])] if os.environ.get("TAILTUNE_CONFIG_DIR") \
+        else []
+    if CONFIG_PATH.startswith("pkg://"):
+        dirs.append(Path(__file__).resolve().parents[1] / "configs")
+    else:
+        dirs.append(Path(CONFIG_PATH))
+    return dirs
+
+
+def _options(group: str) -> list[str]:
+    return sorted({p.stem for root in _config_dirs() for p in (root / group).glob("*.yaml")})
+
+
+def ensemble_problems(model: Any) -> list[str]:
+    """``model=ensemble model.members=[...]``: at least two members, each a backbone option."""
+    members = list(model.get("members") or [])
+    example = "e.g. model.members=[efficientnet_lite0,efficientnet_lite1]"
+    if not members:
+        return [f"model.members is empty: an ensemble needs at least 2 members, {example}"]
+    if len(members) == 1:
+        return [f"model.members={_listed(members)} has 1 member: an ensemble needs at least 2, "
+                f"{example} (or the same backbone twice with model.bagging=under)"]
+    options = _options("backbone")
+    problems = []
+    for i, member in enumerate(members):
+        name = member.get("backbone") if isinstance(member, (DictConfig, dict)) else member
+        if isinstance(name, str) and options and name not in options:
+            close = difflib.get_close_matches(name, options, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            problems.append(f"model.members[{i}]={name} is not a backbone option; {hint}"
+                            f"valid: {', '.join(options)}")
+    return problems
+
+
+def _listed(values: list[Any]) -> str:
+    return "[" + ",".join(str(v) for v in values) + "]"
+
+
+def _trainer_problems(trainer: Any) -> list[str]:
+    """Several processes on CPU only through a DDP strategy (trainer=ddp_sim): Lightning's
+    own choice there re-launches the script per device and fails in every one of them."""
+    devices = trainer.get("devices", 1)
+    accelerator = trainer.get("accelerator")
+    many = devices == -1 or (isinstance(devices, int) and not isinstance(devices, bool)
+                             and devices > 1)
+    ddp = "ddp" in str(trainer.get("strategy") or "").lower()
+    if accelerator == "cpu" and many and not ddp:
+        return [f"trainer.devices={devices} with trainer.accelerator=cpu needs a DDP strategy: "
+                "use trainer=ddp_sim trainer.devices=N (N CPU processes over gloo), or "
+                "trainer.devices=1"]
+    return []
+
+
+def check_config(cfg: DictConfig, choices: dict[str, str] | None = None,
+                 entry: str | None = None, cross_keys: bool = True) -> None:
+    """Types, ranges, choices (the schema, :mod:`tailtune.cli.schema`), then the checks that
+    span keys or look at files; raises one :class:`ConfigError` listing every problem.
+    Needs no torch, so a bad config fails in about a second. ``cross_keys=False`` for a
+    sweep's base config, whose swept keys still hold their defaults."""
+    from tailtune.cli import schema
+
+    entry = entry or str(cfg.get("task_name") or "train")
+    if entry not in schema.TOP:
+        return
+    problems = schema.config_problems(cfg, entry)
+    if cross_keys:
+        try:
+            problems.extend(_cross_key_problems(cfg, choices or {}, entry))
+        except (TypeError, ValueError, AttributeError):
+            if not problems:  # only a value the schema already refused may break these
+                raise
     problems.extend(unwritable_dirs(cfg))
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def check_train_config(cfg: DictConfig, choices: dict[str, str] | None = None) -> None:
+    """The checks of :func:`check_config` for tailtune-train."""
+    check_config(cfg, choices, "train")
+
+
+def _cross_key_problems(cfg: DictConfig, choices: dict[str, str], entry: str) -> list[str]:
+    problems: list[str] = []
+    model = cfg.get("model") or {}
+    trainer = cfg.get("trainer") or {}
+    data = cfg.get("data") or {}
+    ckpt = cfg.get("ckpt_path") if "ckpt_path" in cfg and not OmegaConf.is_missing(
+        cfg, "ckpt_path") else None
+    ensemble = str(model.get("_target_", "")).endswith("EnsembleModule")
+    if entry == "train":
+        launcher = choices.get("hydra/launcher", "basic")
+        if launcher in ("joblib", "submitit_local") and _multi_process(trainer):
+            problems.append(
+                f"DDP cannot run inside the {launcher} launcher (its ranks would re-launch the "
+                "worker process, not this job); use the basic launcher locally, or "
+                "launcher=submitit_slurm with one task per GPU"
+            )
+        epochs = trainer.get("max_epochs")
+        unfreeze = model.get("unfreeze_at")
+        fine_tune = str(model.get("_target_", "")).endswith("FineTuneModule")
+        if fine_tune and unfreeze is not None and epochs is not None and unfreeze >= epochs:
+            # Epochs are 0-based: unfreeze_at == max_epochs would unfreeze after the last epoch.
+            problems.append(
+                f"model.unfreeze_at={unfreeze} must be < trainer.max_epochs={epochs} (epochs run "
+                f"0..{epochs - 1}); otherwise the backbone never trains. Use model=linear_probe "
+                "for a frozen backbone"
+            )
+        if model.get("few_threshold", 0) > model.get("many_threshold", math.inf):
+            problems.append(f"model.few_threshold={model.few_threshold} must be <= "
+                            f"model.many_threshold={model.many_threshold}")
+        fractions = data.get("val_fraction", 0) + data.get("test_fraction", 0)
+        if "test_fraction" in data and fractions >= 1:
+            problems.append(f"data.val_fraction + data.test_fraction must be < 1 (the rest "
+                            f"trains), got {data.val_fraction} + {data.test_fraction}")
+        if ensemble:
+            problems.extend(ensemble_problems(model))
+        backbone = cfg.get("backbone") or {}
+        if backbone.get("weights") == "file":
+            path = backbone.get("weights_path")
+            if not path:
+                problems.append("backbone.weights=file needs "
+                                "backbone.weights_path=/path/to/weights")
+            elif not Path(path).expanduser().is_file():
+                problems.append(f"backbone.weights_path does not exist: {path}")
+        if ckpt == "auto":
+            ckpt = None
+    if trainer:
+        problems.extend(_trainer_problems(trainer))
+    if entry == "eval" and ensemble:
+        if not list(model.get("checkpoints") or []):
+            problems.append("model.checkpoints is empty: give the members' checkpoints, e.g. "
+                            "\"model.checkpoints=[logs/multiruns/<sweep>/*/checkpoints/best.ckpt]\"")
+    elif entry in ("eval", "predict") and ckpt is None:
+        problems.append(f"ckpt_path is required: tailtune-{entry} ckpt_path=PATH")
+    if ckpt is not None:
+        problem = checkpoint_problem(ckpt)
+        if problem:
+            problems.append(problem)
+    signal_name = cfg.get("requeue_signal") if entry == "train" else None
+    if signal_name and not hasattr(signal, str(signal_name)):
+        problems.append(f"requeue_signal={signal_name} is not a signal name (e.g. SIGUSR2)")
+    return problems
 
 
 def _unwritable(path: str | Path) -> str | None:
@@ -149,20 +264,26 @@ def unwritable_dirs(cfg: DictConfig) -> list[str]:
 
 
 class EarlyChecks(Callback):
-    """Hydra callback: refuse unwritable dirs before Hydra creates the run dir in them
-    (Hydra's own error there is a stack trace)."""
+    """Hydra callback: check the config (:func:`check_config`) before Hydra creates the run
+    dir, so bad input leaves no run dir behind (and an unwritable dir is not Hydra's stack
+    trace). A sweep's jobs are checked again in the task, with their own overrides."""
 
-    def _check(self, config: DictConfig) -> None:
-        problems = unwritable_dirs(config)
-        if problems and os.environ.get("TAILTUNE_DEBUG") != "1":
-            print(f"tailtune: error: {'; '.join(problems)}", file=sys.stderr)
+    def _check(self, config: DictConfig, cross_keys: bool = True) -> None:
+        if os.environ.get("TAILTUNE_DEBUG") == "1":
+            return
+        hydra_node = config.get("hydra") or {}
+        choices = dict((hydra_node.get("runtime") or {}).get("choices") or {})
+        try:
+            check_config(config, choices, cross_keys=cross_keys)
+        except ConfigError as err:
+            print(f"tailtune: error: {err}", file=sys.stderr)
             sys.exit(2)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config)
+        self._check(config, cross_keys=False)
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -184,6 +305,7 @@ def readable_errors(fn: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
+        _release_hydra_errors()  # the config composed: Hydra reports the rest as usual
         try:
             return fn(*args, **kwargs)
         except (ValueError, OSError, FloatingPointError, LookupError, RuntimeError,
@@ -197,6 +319,86 @@ def readable_errors(fn: Callable[..., T]) -> Callable[..., T]:
             sys.exit(2)
 
     return wrapper
+
+
+# HYDRA_FULL_ERROR=1 while Hydra composes the config, so that its errors reach
+# :func:`readable_config_errors` as exceptions instead of being printed; unset once the task
+# starts (DDP ranks and sweep workers do not inherit it; Hydra reports the run's errors).
+_HYDRA_FULL_ERROR = "HYDRA_FULL_ERROR"
+_full_error_set_here = False
+
+
+def _release_hydra_errors() -> None:
+    global _full_error_set_here
+    if _full_error_set_here:
+        os.environ.pop(_HYDRA_FULL_ERROR, None)
+        _full_error_set_here = False
+
+
+def _override_error(err: BaseException) -> str | None:
+    """Hydra's ``Could not override 'model.lrr'. To append to your config use +model.lrr=1``
+    as a message that says the key is not a setting, with the closest valid key."""
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = err.__cause__
+    if not (isinstance(err, ConfigCompositionException)
+            and isinstance(cause, (ConfigAttributeError, ConfigKeyError))
+            and str(err).startswith("Could not override")):
+        return None
+    from tailtune.cli import schema
+
+    full_key = str(cause.full_key or "")
+    parent = cause.parent_node
+    if not full_key or not isinstance(parent, DictConfig):
+        return None
+    path = full_key.rpartition(".")[0]
+    known = [str(k) for k in parent]
+    closed = schema.closed_keys(path, parent)
+    if closed is not None:
+        return schema.not_a_setting(full_key, [*known, *closed], schema.owner(path, parent))
+    added = re.search(r"use (\+\S+)", str(err))
+    message = schema.not_a_setting(full_key, known, schema.owner(path, parent))
+    message = message.replace("; check its spelling, or remove it", "")
+    append = added.group(1) if added else f"+{full_key}=..."
+    return f"{message}; to pass a new setting to its class, use {append}"
+
+
+def readable_config_errors(hydra_main: Callable[..., T]) -> Callable[..., T]:
+    """Put over ``@hydra.main``: a misspelt key (``model.lrr=1``) is named as a key that is not
+    a setting, with the closest valid one, instead of Hydra's advice to append it with ``+``.
+    Hydra's other composition errors (an unknown option, with the valid ones) are reported
+    as Hydra reports them."""
+
+    @functools.wraps(hydra_main)
+    def main(*args: Any, **kwargs: Any) -> T:
+        global _full_error_set_here
+        if _HYDRA_FULL_ERROR not in os.environ and os.environ.get("TAILTUNE_DEBUG") != "1":
+            os.environ[_HYDRA_FULL_ERROR] = "1"
+            _full_error_set_here = True
+        try:
+            return hydra_main(*args, **kwargs)
+        except Exception as err:
+            if not _full_error_set_here:  # from the task, or the user asked for tracebacks
+                raise
+            _release_hydra_errors()
+            message = _override_error(err)
+            if message:
+                print(f"tailtune: error: {message}", file=sys.stderr)
+                sys.exit(2)
+            from hydra._internal.utils import run_and_report
+
+            error = err
+
+            def reraise() -> None:
+                raise error
+
+            run_and_report(reraise)  # Hydra's own report (and exit 1), as without us
+            raise
+        finally:
+            _release_hydra_errors()
+
+    return main
 
 
 def ddp_relaunch_as_single_run(output_dir: str) -> None:

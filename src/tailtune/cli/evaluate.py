@@ -7,13 +7,20 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from tailtune.cli.config import CONFIG_PATH, readable_errors, register_resolvers
+from tailtune.cli.config import (
+    CONFIG_PATH,
+    check_config,
+    readable_config_errors,
+    readable_errors,
+    register_resolvers,
+)
 
 register_resolvers()
 
 
 def evaluate(cfg: DictConfig) -> dict:
     """Test a checkpoint on the split it was trained with; writes its own metrics.json."""
+    check_config(cfg, entry="eval")  # before torch is imported: bad input fails in a second
     from tailtune import console, pipeline
     from tailtune.run_record import RunRecord
 
@@ -72,6 +79,7 @@ def evaluate_ensemble(cfg: DictConfig) -> dict:
     return results
 
 
+@readable_config_errors
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 @readable_errors
 def main(cfg: DictConfig) -> None:

@@ -14,13 +14,20 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from tailtune.cli.config import CONFIG_PATH, readable_errors, register_resolvers
+from tailtune.cli.config import (
+    CONFIG_PATH,
+    check_config,
+    readable_config_errors,
+    readable_errors,
+    register_resolvers,
+)
 
 register_resolvers()
 
 
 def predict(cfg: DictConfig) -> dict:
     """Write the predictions CSV; returns the run's summary (also its metrics.json)."""
+    check_config(cfg, entry="predict")  # before torch is imported
     import torch
     from rich.progress import Progress
     from torch.utils.data import DataLoader
@@ -90,6 +97,7 @@ def write_predictions(output: Path, files: list[Path], probs, errors: list[str],
     return summary
 
 
+@readable_config_errors
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
 @readable_errors
 def main(cfg: DictConfig) -> None:

@@ -11,6 +11,7 @@ from tailtune.cli.config import (
     CONFIG_PATH,
     check_train_config,
     ddp_relaunch_as_single_run,
+    readable_config_errors,
     readable_errors,
     register_resolvers,
 )
@@ -89,6 +90,7 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
     return pipeline.optimized_value(metrics, cfg.optimized_metric)
 
 
+@readable_config_errors
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 @readable_errors
 def main(cfg: DictConfig) -> float:
