@@ -30,7 +30,7 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader, Dataset
 
@@ -344,8 +344,7 @@ def save_ensemble_checkpoint(ensemble: EnsembleModule, config: dict[str, Any],
 
 
 def write_outputs(metrics: dict[str, Any], targets: torch.Tensor, probs: torch.Tensor,
-                  info: DatasetInfo, run_dir: Path, loggers: Sequence[Logger],
-                  params: dict[str, Any] | None = None) -> None:
+                  info: DatasetInfo, run_dir: Path, loggers: Sequence[Logger]) -> None:
     """test_confusion.csv, test_predictions.npz, and TensorBoard scalars of the ensemble
     (``val/*``, ``test/*``) and of each member (``member/<name>/<split>/*``)."""
     from tailtune.metrics import write_confusion_csv
@@ -364,9 +363,7 @@ def write_outputs(metrics: dict[str, Any], targets: torch.Tensor, probs: torch.T
                            if key in REPORTED or key.startswith("recall/")})
     hp = {f"hp/{m}": float(metrics[m.split("/")[0]][m.split("/", 1)[1]])
           for m in pipeline.HP_METRICS if m.split("/", 1)[1] in metrics.get(m.split("/")[0], {})}
-    for logger in loggers:
-        if isinstance(logger, TensorBoardLogger) and params is not None:
-            logger.log_hyperparams(params, hp)
+    for logger in loggers:  # hp/*: once, with the final values (hparams_to_loggers)
         logger.log_metrics({**values, **hp}, step=0)
         logger.finalize("success")
 
@@ -383,6 +380,8 @@ def fit_ensemble(cfg: DictConfig, run_dir: Path, choices: dict[str, str],
     check_ensemble(cfg, images, combiner)
     if pipeline.is_rank_zero():
         images.print_summary()
+    loggers = pipeline.build_loggers(cfg, run_name=pipeline.run_name(list(overrides)))
+    pipeline.hparams_to_loggers(loggers, pipeline.hyperparameters(cfg, choices))  # at start
     device = device_for(cfg)
     if cfg.model.get("training", "sequential") == "joint":
         ensemble, extra = _fit_joint(cfg, specs, images, combiner, run_dir)
@@ -398,9 +397,7 @@ def fit_ensemble(cfg: DictConfig, run_dir: Path, choices: dict[str, str],
                                  "bagging": str(cfg.model.get("bagging")),
                                  "boosting": str(cfg.model.get("boosting")),
                                  "combiner": ensemble.combiner.name}})
-    loggers = pipeline.build_loggers(cfg, run_name=pipeline.run_name(list(overrides)))
-    write_outputs(metrics, targets, probs, images.info, run_dir, loggers,
-                  pipeline.hyperparameters(cfg, choices))
+    write_outputs(metrics, targets, probs, images.info, run_dir, loggers)
     return metrics
 
 

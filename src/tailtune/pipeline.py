@@ -325,7 +325,7 @@ def training_callbacks(cfg: DictConfig, datamodule: ImbalancedDataModule) -> lis
 def hyperparameters(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]:
     """Every group's choice plus every scalar setting: no whitelist to maintain."""
     params: dict[str, Any] = {f"choice/{group}": str(option) for group, option in choices.items()
-                              if not group.startswith("hydra")}
+                              if not group.startswith("hydra") and option_exists(group, option)}
     skip = {"hydra", "paths", "callbacks", "logger"}
     plain = OmegaConf.to_container(cfg, resolve=True)
 
@@ -344,15 +344,41 @@ def hyperparameters(cfg: DictConfig, choices: dict[str, str]) -> dict[str, Any]:
     return params
 
 
-def log_hyperparameters(trainer: L.Trainer, params: dict[str, Any],
-                        metrics: dict[str, float] | None = None) -> None:
-    """Write the hparams entry at start (metrics -1), so a crashed run still shows up; the
-    final values are logged under the same tags at the end."""
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(params, metrics or {f"hp/{m}": -1.0 for m in HP_METRICS})
-        else:
-            logger.log_hyperparams(params)
+def option_exists(group: str, option: Any) -> bool:
+    """Whether a group choice names a config that was found: an optional default whose file
+    is absent (``optional local: default`` without a ``configs/local/default.yaml``) still
+    shows up in Hydra's choices."""
+    if option is None:
+        return True
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return option in GlobalHydra.instance().config_loader().get_group_options(group)
+    from tailtune.ensemble_pipeline import config_dirs
+
+    return any((root / group / f"{option}.yaml").is_file() for root in config_dirs())
+
+
+def log_hyperparameters(trainer: L.Trainer, params: dict[str, Any]) -> None:
+    """Every logger gets the run's settings at the start; see :func:`hparams_to_loggers`."""
+    hparams_to_loggers(trainer.loggers, params)
+
+
+def hparams_to_loggers(loggers: list[Logger], params: dict[str, Any]) -> None:
+    """The run's settings to every logger, and TensorBoard's HParams entry naming the final
+    metrics (``hp/*``) without values, written at the start so that a run that crashes still
+    shows up in the HParams tab. :func:`log_final_metrics` logs the values once, at the end
+    (no placeholder value first, so the ``hp/*`` charts hold one real point)."""
+    from torch.utils.tensorboard.summary import hparams
+
+    from tailtune.console import rank
+
+    for logger in loggers:
+        logger.log_hyperparams(params)  # TensorBoard: hparams.yaml (default_hp_metric: false)
+        if isinstance(logger, TensorBoardLogger) and rank() == 0:
+            writer = logger.experiment._get_file_writer()
+            for summary in hparams(params, {f"hp/{m}": 0.0 for m in HP_METRICS}):
+                writer.add_summary(summary)
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -459,11 +485,15 @@ def optimized_value(metrics: dict[str, Any], name: str) -> float:
 
 
 def run_name(overrides: list[str] | None) -> str:
-    """A TensorBoard run name from the job's overrides, safe as a dir name."""
+    """A TensorBoard run name from the job's overrides, safe as a dir name (slashes become
+    underscores; the exact overrides are in metrics.json)."""
     if not overrides:
         return ""
-    name = ",".join(o for o in overrides if not o.startswith("hydra."))
-    name = name.replace("/", "∕").replace(os.sep, "∕")
+    # Where outputs go (hydra.*, paths.*) is not what the run computes.
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "paths."))]
+    if not kept:
+        return ""
+    name = ",".join(kept).replace("/", "_").replace(os.sep, "_")  # a slash would nest dirs
     if len(name) <= 120:
         return name
     return f"{name[:100]}…{hashlib.sha1(name.encode()).hexdigest()[:8]}"
