@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -359,6 +360,14 @@ BAD_CONFIG = [
     pytest.param("predict", ["ckpt_path={fake}", "input={tmp}"],
                  "fake.ckpt is not a checkpoint (not a file written by torch.save)",
                  id="predict-a-fake-checkpoint"),
+    pytest.param("predict", ["ckpt_path={archive}", "input={tmp}"],
+                 "archive.zip is not a checkpoint (not a file written by torch.save)",
+                 id="predict-a-zip-archive"),
+    pytest.param("eval", ["ckpt_path={other}"],
+                 "other.ckpt is not a tailtune checkpoint (no 'tailtune' metadata)",
+                 id="eval-another-tools-checkpoint"),
+    pytest.param("train", ["model=decoupled", "model.init_from={txt}"],
+                 "model.init_from=", id="decoupled-from-a-txt-file"),
     pytest.param("predict", ["ckpt_path={fake}", "input={tmp}", "batch_size=0"],
                  "batch_size must be >= 1, got 0", id="predict-batch-size-0"),
 ]
@@ -372,7 +381,13 @@ def test_bad_config_is_refused_before_any_run_dir(cli, tmp_path, script, args, e
     txt.write_text("not a checkpoint\n")
     fake = tmp_path / "fake.ckpt"  # random bytes, as a broken download
     fake.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    code, err = cli(*(a.format(txt=txt, fake=fake, tmp=tmp_path) for a in args), script=script)
+    archive = tmp_path / "archive.zip"  # a zip, but not torch.save's
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("photo.txt", "not a checkpoint")
+    other = tmp_path / "other.ckpt"  # torch.save's, without tailtune's metadata
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, other)
+    files = {"txt": txt, "fake": fake, "archive": archive, "other": other, "tmp": tmp_path}
+    code, err = cli(*(a.format(**files) for a in args), script=script)
     assert code == 2, err[-2000:]
     assert_one_readable_error(code, err, expected)
     assert not (tmp_path / "logs").exists()  # no run dir, not even an empty one

@@ -136,4 +136,4 @@ def test_predict_reports_a_bad_checkpoint_in_one_line(tmp_path):
     result = run_cli("tailtune-predict", f"ckpt_path={tmp_path / 'missing.ckpt'}",
                      f"input={tmp_path}", cwd=tmp_path)
     assert result.returncode == 2
-    assert "checkpoint does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert "ckpt_path does not exist" in result.stderr and "Traceback" not in result.stderr

@@ -82,9 +82,19 @@ def checkpoint_problem(path: Any, key: str = "ckpt_path") -> str | None:
         return f"{key} does not exist: {path}"
     if not file.is_file():
         return f"{key}={path} is a folder, not a checkpoint file (give its checkpoints/best.ckpt)"
+    hint = "give a run's checkpoints/best.ckpt or last.ckpt"
     if not zipfile.is_zipfile(file):
-        return (f"{key}={path} is not a checkpoint (not a file written by torch.save); give a "
-                "run's checkpoints/best.ckpt or last.ckpt")
+        return f"{key}={path} is not a checkpoint (not a file written by torch.save); {hint}"
+    try:  # torch.save's archive: <name>/data.pkl holds the dict, tensors are stored apart
+        with zipfile.ZipFile(file) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            header = archive.read(pickles[0]) if len(pickles) == 1 else b""
+    except (OSError, zipfile.BadZipFile) as err:
+        return f"{key}={path} cannot be read ({err}); {hint}"
+    if not header:
+        return f"{key}={path} is not a checkpoint (not a file written by torch.save); {hint}"
+    if b"tailtune" not in header:
+        return f"{key}={path} is not a tailtune checkpoint (no 'tailtune' metadata); {hint}"
     return None
 
 
@@ -215,6 +225,10 @@ def _cross_key_problems(cfg: DictConfig, choices: dict[str, str], entry: str) ->
                 problems.append(f"backbone.weights_path does not exist: {path}")
         if ckpt == "auto":
             ckpt = None
+        if model.get("init_from"):  # model=decoupled: the fine-tuned run it starts from
+            problem = checkpoint_problem(model.init_from, "model.init_from")
+            if problem:
+                problems.append(problem)
     if trainer:
         problems.extend(_trainer_problems(trainer))
     if entry == "eval" and ensemble:
