@@ -26,7 +26,8 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
     out = Path(out_dir or sweep_dirs[0])
     out.mkdir(parents=True, exist_ok=True)
 
-    title = f"{len(summaries)} configs, {len(runs)} runs, sorted by test {sort_by}"
+    name = sweep_name(sweep_dirs)
+    title = f"{name}: {len(summaries)} configs, {len(runs)} runs, sorted by test {sort_by}"
     table = Table(title=title + (f"\nall runs: {','.join(common)}" if common else ""))
     shown = [0, 1, 2, 3, 4, 7, 8, len(agg.HEADER) - 1]  # the full set is in the CSV/Markdown
     for i in shown:
@@ -40,13 +41,23 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
         console.print(f"[yellow]{run.status}[/] {run.path}{reason}")
 
     agg.write_csv(summaries, out / "comparison.csv")
-    agg.write_markdown(summaries, unfinished, out / "comparison.md", sort_by)
+    agg.write_markdown(summaries, unfinished, out / "comparison.md", sort_by, common, name)
+    written = ["comparison.md", "comparison.csv"]
     if summaries:
-        plots.balanced_accuracy_plot(summaries, out / "comparison_bal_acc.png")
-        plots.recall_heatmap(summaries, out / "comparison_recall.png")
-        plots.shot_bars(summaries, out / "comparison_shots.png")
-    console.print(f"[bold green]written:[/] {out}/comparison.{{md,csv}} and comparison_*.png")
+        plots.balanced_accuracy_plot(summaries, out / "comparison_bal_acc.png", name)
+        plots.recall_heatmap(summaries, out / "comparison_recall.png", name)
+        plots.shot_bars(summaries, out / "comparison_shots.png", name)
+        written += ["comparison_bal_acc.png", "comparison_recall.png", "comparison_shots.png"]
+    else:
+        console.print("[yellow]no run finished:[/] nothing to plot")
+    console.print(f"[bold green]written to {out}:[/] {', '.join(written)}", soft_wrap=True)
     return out
+
+
+def sweep_name(sweep_dirs: list[Path]) -> str:
+    """What the plots and the Markdown are titled with: the sweep dir's name (or names)."""
+    names = [Path(d).resolve().name for d in sweep_dirs]
+    return " + ".join(names) if len(names) <= 3 else f"{names[0]} + {len(names) - 1} more"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,33 +30,63 @@ class ConfigSummary:
         return len(self.runs)
 
 
+def seed_mean_balanced_accuracy(targets: np.ndarray, correct: np.ndarray, num_classes: int
+                                ) -> Callable[..., np.ndarray]:
+    """The statistic the CI is of: for index arrays ``[..., N]`` into the test images, the
+    mean over seeds of the balanced accuracy (macro recall over the classes present) of the
+    indexed images. ``correct``: ``[seeds, N]`` booleans."""
+
+    def statistic(index: np.ndarray, axis: int = -1) -> np.ndarray:
+        index = np.moveaxis(np.asarray(index), axis, -1)
+        rows = index.reshape(-1, index.shape[-1])
+        cells = (np.arange(len(rows))[:, None] * num_classes + targets[rows]).ravel()
+        size = len(rows) * num_classes
+        counts = np.bincount(cells, minlength=size).reshape(len(rows), num_classes)
+        present = counts > 0
+        total = np.zeros(len(rows))
+        for hit in correct:
+            hits = np.bincount(cells, weights=hit[rows].ravel(), minlength=size)
+            recall = np.where(present, hits.reshape(counts.shape) / np.maximum(counts, 1), 0.0)
+            total += recall.sum(axis=1) / present.sum(axis=1)
+        return (total / len(correct)).reshape(index.shape[:-1])
+
+    return statistic
+
+
 def balanced_accuracy_bootstrap(
     predictions: list[tuple[np.ndarray, np.ndarray]], n_boot: int = 1000, seed: int = 0,
     level: float = 0.95,
 ) -> tuple[float, float]:
-    """Percentile CI of the seed-mean test balanced accuracy, resampling test *images*.
+    """BCa confidence interval (``scipy.stats.bootstrap``) of the seed-mean test balanced
+    accuracy, resampling test *images*.
 
     All runs of a config share the test set, so one resample of image indices applies to
-    every seed; the CI then reflects test-set noise, which seeds alone do not show.
+    every seed; the CI then reflects test-set noise, which seeds alone do not show. When
+    every resample gives the same value (e.g. all images right), the interval is that value.
     """
+    from scipy.stats import bootstrap
+
     targets = predictions[0][0]
     if any(len(t) != len(targets) or not np.array_equal(t, targets) for t, _ in predictions):
         raise ValueError("runs of one config were tested on different test sets")
-    num_classes = predictions[0][1].shape[1]
     correct = np.stack([p.argmax(axis=1) == targets for _, p in predictions])  # [seeds, N]
-    rng = np.random.default_rng(seed)
-    values = np.empty(n_boot)
-    for b in range(n_boot):
-        idx = rng.integers(0, len(targets), len(targets))
-        y = targets[idx]
-        per_class_n = np.bincount(y, minlength=num_classes)
-        present = per_class_n > 0
-        recalls = []
-        for row in correct[:, idx]:
-            hits = np.bincount(y, weights=row, minlength=num_classes)
-            recalls.append((hits[present] / per_class_n[present]).mean())
-        values[b] = np.mean(recalls)
-    low, high = np.quantile(values, [(1 - level) / 2, 1 - (1 - level) / 2])
+    statistic = seed_mean_balanced_accuracy(targets, correct, predictions[0][1].shape[1])
+    index = np.arange(len(targets))
+    point = float(statistic(index))
+    if len(targets) < 2 or correct.all() or not correct.any():  # no spread to resample
+        return point, point
+    with warnings.catch_warnings():  # a degenerate distribution is handled below
+        warnings.simplefilter("ignore")
+        result = bootstrap((index,), statistic, n_resamples=n_boot, confidence_level=level,
+                           method="BCa", vectorized=True, batch=256,
+                           rng=np.random.default_rng(seed))
+    low, high = result.confidence_interval
+    if np.isfinite(low) and np.isfinite(high):
+        return float(low), float(high)
+    spread = result.bootstrap_distribution
+    if np.ptp(spread) == 0:  # all resamples equal: BCa is undefined, the CI is that value
+        return float(spread[0]), float(spread[0])
+    low, high = np.quantile(spread, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(low), float(high)
 
 
@@ -79,7 +111,8 @@ def summarize(runs: list[Run], n_boot: int = 1000) -> list[ConfigSummary]:
         for name in names:
             values = [r.metrics["test"][name] for r in members if name in r.metrics["test"]]
             summary.mean[name] = float(np.mean(values))
-            summary.std[name] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            if len(values) > 1:  # one run has no spread to show: "–", not 0
+                summary.std[name] = float(np.std(values, ddof=1))
         val = [r.metrics.get("val", {}).get("bal_acc") for r in members]
         if all(v is not None for v in val):
             summary.mean["val_bal_acc"] = float(np.mean(val))
@@ -102,8 +135,8 @@ def strip_common_overrides(summaries: list[ConfigSummary]) -> list[str]:
 def _fmt(summary: ConfigSummary, name: str) -> str:
     if name not in summary.mean:
         return "–"
-    mean, std = summary.mean[name], summary.std.get(name, 0.0)
-    return f"{mean:.4f} ± {std:.4f}" if summary.n > 1 else f"{mean:.4f}"
+    std = summary.std.get(name)
+    return f"{summary.mean[name]:.4f} ± " + ("–" if std is None else f"{std:.4f}")
 
 
 COLUMNS = ("bal_acc", "macro_f1", "gmean", "acc", *SHOTS, "ece")
@@ -129,16 +162,27 @@ def write_csv(summaries: list[ConfigSummary], path: Path) -> None:
         for s in summaries:
             writer.writerow([
                 s.key, s.n, " ".join(r.seed for r in s.runs),
-                *(v for c in COLUMNS for v in (s.mean.get(c, math.nan), s.std.get(c, math.nan))),
-                *(s.ci if s.ci else (math.nan, math.nan)),
+                *(_cell(v) for c in COLUMNS for v in (s.mean.get(c), s.std.get(c))),
+                *((_cell(v) for v in s.ci) if s.ci else ("", "")),
             ])
 
 
+def _cell(value: float | None) -> str | float:
+    """A CSV cell: the number, or empty where there is none (std of one run)."""
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
 def write_markdown(summaries: list[ConfigSummary], unfinished: list[Run], path: Path,
-                   sort_by: str) -> None:
-    lines = [f"# Sweep comparison (sorted by test {sort_by})", "",
-             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+                   sort_by: str, shared: list[str] | None = None, title: str = "Sweep") -> None:
+    """The table (n: runs per config; std "–" for a single run), the overrides every run
+    shares (left out of the config names), and the runs that did not finish."""
+    lines = [f"# {title}: comparison (sorted by test {sort_by})", ""]
+    if shared:
+        lines += ["Shared by all runs: " + ", ".join(f"`{o}`" for o in shared), ""]
+    lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(summaries)]
+    if not summaries:
+        lines += ["", "No run finished: nothing to compare."]
     if unfinished:
         lines += ["", "## Not finished", "", "| run | status | error |", "|---|---|---|"]
         lines += [f"| {r.path.name} | {r.status} | {r.error or '–'} |" for r in unfinished]

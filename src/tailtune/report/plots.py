@@ -18,7 +18,11 @@ def _save(figure: Figure, path: Path) -> Path:
     return path
 
 
-def balanced_accuracy_plot(summaries: list[ConfigSummary], path: Path) -> Path:
+def _label(summary: ConfigSummary) -> str:
+    return f"{summary.key} (n={summary.n})"
+
+
+def balanced_accuracy_plot(summaries: list[ConfigSummary], path: Path, title: str = "") -> Path:
     """Mean test balanced accuracy per config: std over seeds as error bars, the bootstrap
     CI (test-set noise) as a grey band."""
     figure = Figure(figsize=(8, 0.35 * len(summaries) + 1.5))
@@ -30,13 +34,15 @@ def balanced_accuracy_plot(summaries: list[ConfigSummary], path: Path) -> Path:
             ax.plot(s.ci, [i, i], color="0.75", linewidth=6, solid_capstyle="butt")
     ax.errorbar(means, y, xerr=[s.std.get("bal_acc", 0.0) for s in summaries], fmt="o",
                 capsize=3, color="C0")
-    ax.set_yticks(y, [f"{s.key} (n={s.n})" for s in summaries], fontsize=7)
+    ax.set_yticks(y, [_label(s) for s in summaries], fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("test balanced accuracy (mean ± std over seeds; grey: 95% bootstrap CI)")
+    ax.set_xlabel("test balanced accuracy (mean ± std over n seeds; grey: 95% BCa bootstrap CI)")
+    ax.set_title(f"{title}: test balanced accuracy" if title else "test balanced accuracy",
+                 fontsize=9)
     return _save(figure, path)
 
 
-def recall_heatmap(summaries: list[ConfigSummary], path: Path) -> Path:
+def recall_heatmap(summaries: list[ConfigSummary], path: Path, title: str = "") -> Path:
     """Mean per-class test recall, configs × classes."""
     classes = sorted({k.split("/", 1)[1] for s in summaries for k in s.mean
                       if k.startswith("recall/")}, key=lambda c: (len(c), c))
@@ -46,25 +52,35 @@ def recall_heatmap(summaries: list[ConfigSummary], path: Path) -> Path:
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 20 else 0,
                   fontsize=7)
-    ax.set_yticks(range(len(summaries)), [s.key for s in summaries], fontsize=7)
+    ax.set_yticks(range(len(summaries)), [_label(s) for s in summaries], fontsize=7)
     ax.set_xlabel("class (training order)")
+    ax.set_title(f"{title}: mean test recall per class" if title else "mean test recall per class",
+                 fontsize=9)
     figure.colorbar(image, ax=ax, label="test recall")
     return _save(figure, path)
 
 
-def shot_bars(summaries: list[ConfigSummary], path: Path) -> Path:
-    """Many / medium / few-shot accuracy per config (groups with no class are left out)."""
+def shot_bars(summaries: list[ConfigSummary], path: Path, title: str = "") -> Path:
+    """Many / medium / few-shot accuracy per config (groups with no class are left out). Each
+    bar carries its value, so an accuracy of 0 shows as a labelled tick, not as nothing."""
     shots = [s for s in SHOTS if any(s in c.mean for c in summaries)]
     figure = Figure(figsize=(8, 0.35 * len(summaries) + 1.5))
     ax = figure.add_subplot()
     y = np.arange(len(summaries))
     height = 0.8 / max(1, len(shots))
     for j, shot in enumerate(shots):
-        ax.barh(y + j * height, [c.mean.get(shot, np.nan) for c in summaries], height,
-                label=shot.replace("_acc", ""))
-    ax.set_yticks(y + height * (len(shots) - 1) / 2, [s.key for s in summaries], fontsize=7)
+        values = np.array([c.mean.get(shot, np.nan) for c in summaries])
+        bars = ax.barh(y + j * height, values, height, label=shot.replace("_acc", ""))
+        colour = bars.patches[0].get_facecolor() if bars.patches else None
+        zero = np.flatnonzero(values == 0)  # a bar of width 0 would not show: a sliver
+        ax.barh(y[zero] + j * height, 0.008, height, color=colour)
+        ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.2f}" for v in values],
+                     padding=2, fontsize=6)
+    ax.set_yticks(y + height * (len(shots) - 1) / 2, [_label(s) for s in summaries], fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("test accuracy within the shot group")
+    ax.set_xlim(0, 1.08)
+    ax.set_xlabel("test accuracy within the shot group (mean over n seeds)")
+    ax.set_title(f"{title}: accuracy per shot group" if title else "accuracy per shot group",
+                 fontsize=9)
     ax.legend(loc="lower right", fontsize=7)
     return _save(figure, path)

@@ -1,0 +1,116 @@
+"""tailtune-compare on runs written by hand (no training): what comparison.md, the CSV and the
+console say, and the confidence intervals against scipy's own BCa bootstrap."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import bootstrap
+from sklearn.metrics import balanced_accuracy_score
+
+from tailtune.cli.compare import main as compare_main
+from tailtune.report.compare import balanced_accuracy_bootstrap, summarize
+from tailtune.report.runs import find_runs
+
+SHARED = ["debug=smoke", "data.imbalance_ratio=20"]
+
+
+def _predictions(seed: int, n: int = 60, k: int = 3, right: float = 0.7):
+    """Test targets (the same for every run) and probabilities with about ``right`` correct."""
+    targets = np.arange(n) % k
+    rng = np.random.default_rng(seed)
+    predicted = np.where(rng.random(n) < right, targets, (targets + 1) % k)
+    return targets, np.eye(k)[predicted] * 0.8 + 0.2 / k
+
+
+def _run(root: Path, name: str, overrides: list[str], status: str = "done", seed: int = 0,
+         few: float = 0.5, error: str = "") -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    state = {"status": status, **({"error": error} if error else {})}
+    (run / "status.json").write_text(json.dumps(state))
+    if status != "done":
+        return run
+    targets, probs = _predictions(seed)
+    bal_acc = balanced_accuracy_score(targets, probs.argmax(1))
+    test = {"bal_acc": bal_acc, "macro_f1": bal_acc - 0.01, "acc": bal_acc, "ece": 0.1,
+            "many_acc": 0.9, "few_acc": few, "recall/0": 0.5, "recall/1": 0.6}
+    (run / "metrics.json").write_text(json.dumps({"overrides": overrides, "test": test,
+                                                  "val": {"bal_acc": bal_acc}}))
+    np.savez_compressed(run / "test_predictions.npz", targets=targets, probs=probs,
+                        class_names=np.array(["a", "b", "c"]))
+    return run
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """loss=ce with seeds 1 and 2, loss=focal with one seed (few-shot accuracy 0), one failure."""
+    root = tmp_path / "my_sweep"
+    _run(root, "0_aa", [*SHARED, "loss=ce", "seed=1"], seed=1)
+    _run(root, "1_bb", [*SHARED, "loss=ce", "seed=2"], seed=2)
+    _run(root, "2_cc", [*SHARED, "loss=focal", "seed=1"], seed=3, few=0.0)
+    _run(root, "3_dd", [*SHARED, "loss=ldam_drw", "seed=1"], status="failed",
+         error="ValueError: model.lr must be > 0")
+    return root
+
+
+def test_markdown_lists_shared_overrides_and_a_single_run_has_no_std(sweep, capsys):
+    compare_main([str(sweep), "--bootstrap", "200"])
+    out = capsys.readouterr().out
+    markdown = (sweep / "comparison.md").read_text()
+    assert markdown.startswith("# my_sweep: comparison")
+    assert "Shared by all runs: `data.imbalance_ratio=20`, `debug=smoke`" in markdown
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in markdown.splitlines()
+            if line.startswith("| loss=")}
+    assert set(rows) == {"loss=ce", "loss=focal"}  # the shared overrides left out of the names
+    assert rows["loss=ce"].split(" | ")[1] == "2" and "± –" not in rows["loss=ce"]
+    assert rows["loss=focal"].split(" | ")[1] == "1"
+    assert "± –" in rows["loss=focal"] and "± 0.0000" not in rows["loss=focal"]
+    assert "| 3_dd | failed | ValueError: model.lr must be > 0 |" in markdown
+
+    with open(sweep / "comparison.csv", newline="") as handle:
+        table = {row["config"]: row for row in csv.DictReader(handle)}
+    assert table["loss=focal"]["test_bal_acc_std"] == ""  # no spread to report, not 0
+    assert float(table["loss=ce"]["test_bal_acc_std"]) > 0
+    for name in ("comparison_bal_acc.png", "comparison_recall.png", "comparison_shots.png"):
+        assert (sweep / name).stat().st_size > 0 and name in out
+
+
+def test_only_failed_runs_write_no_plots_and_say_so(tmp_path, capsys):
+    root = tmp_path / "broken"
+    _run(root, "0_aa", ["loss=ce"], status="failed", error="RuntimeError: NaN loss")
+    _run(root, "1_bb", ["loss=focal"], status="failed", error="RuntimeError: NaN loss")
+    compare_main([str(root)])
+    out = capsys.readouterr().out
+    assert not list(root.glob("*.png")) and ".png" not in out
+    assert "nothing to plot" in out
+    assert "No run finished" in (root / "comparison.md").read_text()
+
+
+def test_single_run_configs_store_no_std(sweep):
+    summaries = {s.key: s for s in summarize(find_runs(sweep), n_boot=100)}
+    focal = next(s for key, s in summaries.items() if "loss=focal" in key)
+    assert focal.n == 1 and "bal_acc" in focal.mean and "bal_acc" not in focal.std
+
+
+def test_bca_interval_equals_scipy_on_a_known_sample():
+    targets, probs = _predictions(seed=7, n=90)
+    ours = balanced_accuracy_bootstrap([(targets, probs)], n_boot=500, seed=3)
+
+    predicted = probs.argmax(1)
+    reference = bootstrap(
+        (targets, predicted), lambda t, p: balanced_accuracy_score(t, p), paired=True,
+        vectorized=False, n_resamples=500, method="BCa", batch=256,
+        rng=np.random.default_rng(3)).confidence_interval
+    assert ours == pytest.approx((reference.low, reference.high), abs=1e-12)
+    point = balanced_accuracy_score(targets, predicted)
+    assert ours[0] < point < ours[1]
+
+
+def test_bca_interval_of_all_equal_resamples_is_the_value_not_nan():
+    targets, probs = _predictions(seed=0, right=1.0)  # every image right: every resample 1.0
+    assert balanced_accuracy_bootstrap([(targets, probs)], n_boot=100) == (1.0, 1.0)
