@@ -283,6 +283,7 @@ class EarlyChecks(Callback):
     trace). A sweep's jobs are checked again in the task, with their own overrides."""
 
     def _check(self, config: DictConfig, cross_keys: bool = True) -> None:
+        _release_hydra_errors()  # composed: sweep workers must not inherit HYDRA_FULL_ERROR
         if os.environ.get("TAILTUNE_DEBUG") == "1":
             return
         hydra_node = config.get("hydra") or {}
