@@ -1,0 +1,125 @@
+"""What a user sees on the console, through the console scripts: each message once, no library
+noise, the results table at the end (and on failure the run dir and one line); what the run
+leaves in TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+BOX = tuple("│├└┌┏┃┡┗┣━─╭╰")  # rich tables and the config tree: structure, not messages
+NOISE = ("Tip:", "litlogger", "litmodels", "LeafSpec", "in eval mode", "exists and is not empty",
+         "INFO:", "[INFO]", "Seed set to", "Restoring states")
+ROWS = (("balanced acc", "bal_acc"), ("macro-F1", "macro_f1"), ("few-shot acc", "few_acc"),
+        ("ECE", "ece"))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> tuple[object, Path]:
+    """One `tailtune-train debug=smoke` through the console script, shared by the tests below.
+    The overrides put a slash and the log dir where a TensorBoard run name could take them."""
+    root = tmp_path_factory.mktemp("console")
+    result = run_cli("tailtune-train", "debug=smoke", f"paths.log_dir={root / 'logs'}",
+                     "optimized_metric=val/macro_f1", cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (root / "logs" / "runs").iterdir()
+    return result, run_dir
+
+
+def _messages(text: str) -> list[str]:
+    return [line.rstrip() for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith(BOX)]
+
+
+def _assert_results_table(stdout: str, metrics: dict, run_dir: Path) -> None:
+    """stdout is the results table, then the run dir, and nothing else."""
+    lines = stdout.strip().splitlines()
+    assert lines[-1] == f"run dir: {run_dir}"
+    assert lines[-2].startswith("└")
+    splits = [s for s in ("val", "test") if s in metrics]
+    header = next(line for line in lines if line.startswith("┃ metric"))
+    assert [c.strip() for c in header.strip("┃").split("┃")] == ["metric", *splits]
+    for name, key in ROWS:
+        row = next(line for line in lines if line.startswith(f"│ {name} "))
+        cells = [c.strip() for c in row.strip("│").split("│")]
+        assert cells == [name, *(f"{metrics[s][key]:.4f}" for s in splits)], name
+
+
+def test_smoke_run_says_each_thing_once_and_ends_with_the_results_table(smoke_run):
+    result, run_dir = smoke_run
+    output = result.stdout + result.stderr
+    repeated = [line for line, n in Counter(_messages(output)).items() if n > 1]
+    assert not repeated, repeated
+    for noise in NOISE:
+        assert noise not in output, noise
+    assert result.stderr.count("├── trainer:") == 1  # the config tree, once
+    assert "figures off (model.log_figures=false, set by debug=smoke)" in result.stderr
+    assert "Trainer.fit` stopped" in result.stderr  # Lightning's own lines still come, once
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    _assert_results_table(result.stdout, metrics, run_dir)
+    assert "subsampled to about 64 images per split" in " ".join(result.stderr.split())
+
+
+def test_tensorboard_gets_hparams_at_start_and_final_metrics_once(smoke_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    _, run_dir = smoke_run
+    (tb_run,) = (p for p in (run_dir / "tensorboard").iterdir() if p.is_dir())
+    assert tb_run.name == "debug=smoke,optimized_metric=val_macro_f1"  # no ∕, no paths.*
+    events = EventAccumulator(str(tb_run), size_guidance={"scalars": 0})
+    events.Reload()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for tag in ("hp/val/bal_acc", "hp/test/bal_acc", "hp/test/macro_f1", "hp/test/acc"):
+        stage, key = tag.split("/")[1:]
+        points = events.Scalars(tag)
+        assert [p.value for p in points] == [pytest.approx(metrics[stage][key], abs=1e-6)], tag
+    experiment = next(
+        data.experiment for data in (plugin_data_pb2.HParamsPluginData.FromString(content)
+                                     for content in events.PluginTagToContent("hparams").values())
+        if data.HasField("experiment"))
+    assert "hp/test/bal_acc" in {m.name.tag for m in experiment.metric_infos}
+    names = {h.name for h in experiment.hparam_infos}
+    assert {"choice/debug", "choice/model", "seed"} <= names
+    assert not {n for n in names if n.startswith("choice/local")}  # no local config exists
+
+
+def test_eval_ends_with_the_test_table_of_its_own_metrics(smoke_run, tmp_path):
+    _, run_dir = smoke_run
+    result = run_cli("tailtune-eval", f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}",
+                     f"paths.log_dir={tmp_path / 'logs'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    repeated = [line for line, n in Counter(_messages(result.stdout + result.stderr)).items()
+                if n > 1]
+    assert not repeated, repeated
+    (eval_dir,) = (tmp_path / "logs" / "runs").iterdir()
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert "val" not in metrics
+    _assert_results_table(result.stdout, metrics, eval_dir)
+
+
+def test_a_failed_run_names_its_dir_and_one_reason(tmp_path):
+    from PIL import Image
+
+    for split_class, n in (("a", 4), ("b", 4)):
+        folder = tmp_path / "photos" / "train" / split_class
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(folder / f"{i}.png")
+    broken = tmp_path / "photos" / "train" / "b" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 40)  # starts like a PNG, is not one
+    result = run_cli("tailtune-train", "debug=smoke", "data=image_folder",
+                     f"data.root={tmp_path / 'photos'}", f"paths.log_dir={tmp_path / 'logs'}",
+                     cwd=tmp_path)
+    assert result.returncode != 0
+    (run_dir,) = (tmp_path / "logs" / "runs").iterdir()
+    assert f"run failed; run dir: {run_dir}" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("tailtune: error:")]
+    assert len(errors) == 1 and "broken.png" in errors[0]
+    assert "Traceback" not in result.stderr and not result.stdout.strip()
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
