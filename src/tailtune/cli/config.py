@@ -416,6 +416,23 @@ def readable_config_errors(hydra_main: Callable[..., T]) -> Callable[..., T]:
     return main
 
 
+def save_hydra_files(cfg: DictConfig, output_dir: str | Path) -> None:
+    """What Hydra's ``output_subdir`` would hold (``.hydra/config.yaml``, ``hydra.yaml``,
+    ``overrides.yaml``), written by the entry point once it knows the run dir holds no
+    finished run (configs/hydra/default.yaml turns Hydra's own copy off)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    folder = Path(output_dir) / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"config.yaml": cfg, "hydra.yaml": OmegaConf.create({"hydra": hydra_cfg}),
+             "overrides.yaml": hydra_cfg.overrides.task}
+    for name, node in files.items():
+        (folder / name).write_text(OmegaConf.to_yaml(node))
+
+
 def ddp_relaunch_as_single_run(output_dir: str) -> None:
     """Make Lightning's DDP re-launch start *this job*, not the whole sweep.
 

@@ -13,6 +13,7 @@ from tailtune.cli.config import (
     readable_config_errors,
     readable_errors,
     register_resolvers,
+    save_hydra_files,
 )
 
 register_resolvers()
@@ -30,9 +31,11 @@ def evaluate(cfg: DictConfig) -> dict:
     checkpoint = pipeline.read_checkpoint(cfg.ckpt_path)
     run_cfg = OmegaConf.create(checkpoint["tailtune"]["config"])
     run_cfg.paths = cfg.paths  # this eval's own dirs, not the training run's
+    run_cfg.data = pipeline.eval_data_config(run_cfg.data, cfg.get("data"))
     run_dir = Path(cfg.paths.output_dir)
     record = RunRecord(run_dir)
     record.start({"ckpt_path": str(cfg.ckpt_path)})
+    save_hydra_files(cfg, run_dir)
     try:
         datamodule = pipeline.build_datamodule(run_cfg)
         pipeline.check_same_split(checkpoint, datamodule.info)
@@ -67,6 +70,7 @@ def evaluate_ensemble(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     record = RunRecord(run_dir)
     record.start({"checkpoints": [str(c) for c in cfg.model.get("checkpoints") or []]})
+    save_hydra_files(cfg, run_dir)
     try:
         results = ensemble_pipeline.assemble_from_checkpoints(cfg, run_dir)
     except BaseException as err:

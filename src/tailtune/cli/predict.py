@@ -1,9 +1,10 @@
 """tailtune-predict ckpt_path=PATH input=DIR|GLOB|FILE.csv: class probabilities as a CSV.
 
 Each file is decoded exactly as the checkpoint's training data was (``data.image_size``,
-``data.resize``), and scored with the model's own post-hoc logit adjustment, so predictions
-on a split's files agree with ``tailtune-eval`` on that split. Unreadable files get a row with
-an ``error`` and no prediction; they do not stop the run.
+``data.resize``: the same ``decode_image`` as training's file loader), and scored with the
+model's own post-hoc logit adjustment, so predictions on a split's files agree with
+``tailtune-eval`` on that split. Unreadable files get a row with an ``error`` and no
+prediction; they do not stop the run.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tailtune.cli.config import (
     readable_config_errors,
     readable_errors,
     register_resolvers,
+    save_hydra_files,
 )
 
 register_resolvers()
@@ -43,6 +45,7 @@ def predict(cfg: DictConfig) -> dict:
     output = Path(cfg.output).expanduser() if cfg.get("output") else run_dir / "predictions.csv"
     record = RunRecord(run_dir)
     record.start({"ckpt_path": str(cfg.ckpt_path), "input": str(cfg.input)})
+    save_hydra_files(cfg, run_dir)
     try:
         device = cfg.device if cfg.device != "auto" else (
             "cuda" if torch.cuda.is_available() else "cpu")
@@ -57,7 +60,7 @@ def predict(cfg: DictConfig) -> dict:
             for images, index, error in loader:
                 readable = torch.tensor([not e for e in error], dtype=torch.bool)
                 if readable.any():
-                    probs[index[readable]] = model.predict_images(images[readable]).cpu()
+                    probs[index[readable]] = model.predict_proba(images[readable]).cpu()
                 for i, e in zip(index.tolist(), error, strict=True):
                     errors[i] = e
                 progress.advance(task, len(index))

@@ -14,6 +14,7 @@ from tailtune.cli.config import (
     readable_config_errors,
     readable_errors,
     register_resolvers,
+    save_hydra_files,
 )
 
 register_resolvers()
@@ -50,6 +51,8 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
 
     record = RunRecord(run_dir, rank_zero=pipeline.is_rank_zero())
     record.start({"choices": choices or {}, "overrides": overrides or []})
+    if record.rank_zero:
+        save_hydra_files(cfg, run_dir)
     try:
         pipeline.reset_process_state(cfg)  # joblib reuses worker processes between jobs
         record.save_config(pipeline.config_yaml(cfg))
