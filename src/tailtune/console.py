@@ -43,6 +43,7 @@ NOISE = tuple(re.compile(pattern) for pattern in (
     r"isinstance\(treespec, LeafSpec\)` is deprecated",        # torch pytree, via Lightning
     r"Found \d+ module\(s\) in eval mode",                      # frozen backbones, on purpose
     r"Checkpoint directory .* exists and is not empty",         # resume writes into its dir
+    r"It is recommended to use `self\.log\(.*sync_dist=True\)",  # torchmetrics syncs them
     r"^Seed set to \d+",                                        # the seed is in the config
     r"^GPU available: False, used: False",
     r"^[TH]PU available: ",
@@ -171,6 +172,7 @@ def setup() -> None:
             handler.addFilter(NoiseFilter())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\(")
 
 
 # -- progress ------------------------------------------------------------------------------
