@@ -192,7 +192,7 @@ def test_members_at_different_resolutions_take_one_raw_batch(smoke_cfg):
 
 @pytest.mark.parametrize(("overrides", "expected"), [
     (["model.members=[]"], "model.members is empty"),
-    (["model.members=[nope_net]"], "model.members\\[0\\]=nope_net is not a backbone option"),
+    (["model.members=[nope_net,efficientnet_lite0]"], "members\\[0\\]=nope_net is not a backbone"),
     (["model.member_model=[linear_probe]"], "1 kinds for 3 members"),
     (["data.val_fraction=0", "combiner=stacking"], "no validation split"),
     (["model.bagging=under", "model.training=joint"], "one after another"),

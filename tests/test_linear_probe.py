@@ -198,7 +198,7 @@ def test_smote_redraws_per_epoch_from_seed_and_epoch_or_stays_fixed():
 
 @pytest.mark.parametrize("name", ["smote", "adasyn"])
 def test_smote_and_adasyn_change_only_the_training_features(smoke_cfg, name):
-    cfg, _ = smoke_cfg("model=linear_probe", f"sampler={name}")
+    cfg, _ = smoke_cfg("model=linear_probe", f"sampler={name}", "subsample=null")  # k=5 neighbours
     datamodule, _ = pipeline.build_experiment(cfg)
     cache = FeatureCache(cfg.model.features.cache_dir)
     for split in ("val", "test"):  # served as cached, row for row
