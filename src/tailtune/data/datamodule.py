@@ -133,7 +133,7 @@ class ImbalancedDataModule(L.LightningDataModule):
     workers when ``decode=lazy``; ``auto`` picks eager up to 64 px.
 
     ``subsample`` (quick checks: ``debug=smoke``) keeps about that many images of each split
-    after the long tail, in class proportions and at least one per class, so that decoding,
+    after the long tail, in class proportions and at least 6 per class, so that decoding,
     feature extraction and ensemble scoring are bounded too; it changes the split fingerprint.
     """
 

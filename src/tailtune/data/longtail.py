@@ -69,16 +69,23 @@ def stratified_split(
     return np.sort(rest), np.sort(carved)
 
 
+# A subsample keeps at least this many images of a class (or all it has): neighbour-based
+# samplers (SMOTE, ADASYN: k=5) need k + 1 of each class.
+SUBSAMPLE_MIN_PER_CLASS = 6
+
+
 def stratified_subsample(indices: np.ndarray, labels: np.ndarray, size: int, seed: int
                          ) -> np.ndarray:
-    """At most about ``size`` of ``indices`` in their class proportions (never fewer than one
-    of each class present), drawn with ``seed``, sorted: the ``subsample`` of quick checks."""
+    """About ``size`` of ``indices`` in their class proportions, but never fewer than
+    :data:`SUBSAMPLE_MIN_PER_CLASS` of a class (or all it has), drawn with ``seed``, sorted:
+    the ``subsample`` of quick checks."""
     indices = np.asarray(indices)
     if len(indices) <= size:
         return indices
     y = labels[indices]
     classes, counts = np.unique(y, return_counts=True)
-    quota = np.maximum(1, np.floor(counts * size / len(indices))).astype(int)
+    quota = np.floor(counts * size / len(indices)).astype(int)
+    quota = np.minimum(counts, np.maximum(quota, SUBSAMPLE_MIN_PER_CLASS))
     rng = np.random.default_rng(seed)
     kept = [rng.choice(indices[y == c], q, replace=False)
             for c, q in zip(classes, quota, strict=True)]
