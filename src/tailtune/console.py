@@ -185,7 +185,7 @@ def track(iterable: Iterable[T], description: str, total: int | None = None) -> 
     rank zero, and when no other live display is up; otherwise just the items."""
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
-    if not CONSOLE.is_terminal or rank() != 0 or _live_elsewhere():
+    if total == 0 or not CONSOLE.is_terminal or rank() != 0 or _live_elsewhere():
         yield from iterable
         return
     from rich.progress import (
