@@ -318,6 +318,9 @@ PREDICT: Table = {
     "device": DEVICE,
 }
 TOP: dict[str, Table] = {"train": TRAIN, "eval": EVAL, "predict": PREDICT}
+# Required or not depending on other keys, checked there (config._cross_key_problems):
+# tailtune-eval model=ensemble model.checkpoints=[...] takes no ckpt_path.
+REQUIRED_ACROSS_KEYS = ("ckpt_path",)
 
 PATHS: Table = {"log_dir": TEXT, "output_dir": ANY, "data_dir": TEXT, "cache_dir": TEXT}
 
@@ -583,7 +586,8 @@ def _check_node(node: DictConfig, table: Table, path: str, closed: bool,
         if value is _SKIP:
             continue
         if value == "???":
-            yield f"{full} is required (it has no default): pass {full}=..."
+            if full not in REQUIRED_ACROSS_KEYS:
+                yield f"{full} is required (it has no default): pass {full}=..."
             continue
         problem = spec.problem(value)
         if problem:
