@@ -19,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from conftest import assert_test_metrics_match_sklearn, compose_config, run_cli
+from helpers import assert_test_metrics_match_sklearn, compose_config, run_cli
 from tailtune.data import images as images_module
 from tailtune.data.benchmarks import CifarSource, FashionMnistSource, read_idx
 from tailtune.data.datamodule import ImbalancedDataModule
@@ -442,8 +442,14 @@ def test_eager_and_lazy_decoding_serve_identical_images(tmp_path, monkeypatch):
     assert torch.equal(again.datasets["test"][0][0], eager.datasets["test"][0][0])
 
 
-def test_auto_decode_picks_by_size(tmp_path):
+def test_auto_decode_picks_by_the_size_of_the_decoded_array(tmp_path, monkeypatch):
+    from tailtune.data import datamodule
+
     write_digit_folder(tmp_path, {"train": {0: 5, 1: 5}, "test": {0: 2, 1: 2}})
+    # Photos of any resolution are decoded once while the array fits the budget ...
+    assert _folder_dm(tmp_path, image_size=224).decoded == "decoded once, in memory"
+    # ... and per item above it: 14 files at 64 px fit, at 72 px they do not.
+    monkeypatch.setattr(datamodule, "EAGER_MAX_BYTES", 14 * 3 * 64 * 64)
     assert _folder_dm(tmp_path, image_size=64).decoded == "decoded once, in memory"
     assert _folder_dm(tmp_path, image_size=72).decoded == "per item from files"
 
@@ -533,7 +539,7 @@ def test_augmentation_touches_training_images_only_and_never_normalises(build):
 
 @pytest.mark.parametrize("option", ["none", "flip_crop", "randaugment"])
 def test_transform_options_compose_and_reach_the_training_set_only(tmp_path, option):
-    from tailtune.pipeline import build_datamodule
+    from tailtune.build.data import build_datamodule
 
     cfg, choices = compose_config("train", ["debug=smoke", f"transforms={option}"],
                                   tmp_path / "run")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose_config, run_cli
+from helpers import compose_config, run_cli
 from tailtune.data.folders import list_inputs
 from tailtune.data.images import NOT_IMAGE, ImageFiles, decode_image
 from test_datasets import _truncated_jpeg, write_digit_folder, write_photo_folder
@@ -69,8 +69,9 @@ def test_predict_on_held_out_photos_agrees_with_eval(smoke_cfg, tmp_path):
     write_photo_folder(root, {"train": {"china": 24, "flower": 8},
                               "val": {"china": 4, "flower": 3},
                               "test": {"china": 6, "flower": 5}})
-    # 96 px: above the eager limit, so the photos are decoded per item from their files.
+    # Decoded per item from their files, the path predict shares with training.
     cfg, choices = smoke_cfg("data=image_folder", f"data.root={root}", "data.image_size=96",
+                             "data.decode=lazy",
                              "model.logit_adjust_tau=1.0")
     train(cfg, choices)
     run_dir = Path(cfg.paths.output_dir)
@@ -79,7 +80,7 @@ def test_predict_on_held_out_photos_agrees_with_eval(smoke_cfg, tmp_path):
     best = run_dir / "checkpoints" / "best.ckpt"
 
     # Predict decodes a file into exactly the pixels the datamodule served for it.
-    from tailtune.pipeline import build_datamodule
+    from tailtune.build.data import build_datamodule
 
     test_set = build_datamodule(cfg).datasets["test"]
     as_predicted = ImageFiles(test_set.paths, 96, "squash")

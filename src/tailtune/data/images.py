@@ -228,23 +228,28 @@ def decode_all(paths: Sequence[Path], size: int, resize: str = "squash",
     With ``cache_dir`` the array is written once as ``.npy`` and memory-mapped from then on:
     later runs, DDP ranks and DataLoader workers share its pages instead of each decoding.
     """
-    cache_file = None
-    if cache_dir is not None:
+    shape = (len(paths), 3, size, size)
+    if cache_dir is None:
+        images = np.empty(shape, dtype=np.uint8)
+    else:
         cache_file = Path(cache_dir) / "decoded" / f"{decoded_cache_key(paths, size, resize)}.npy"
         if cache_file.is_file():
             return np.load(cache_file, mmap_mode="r")
-    images = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        # Decoded straight into the file (no copy of the whole array in memory), then renamed:
+        # a killed run never leaves a half-written cache entry under the final name.
+        tmp = cache_file.with_name(f".{cache_file.stem}.{os.getpid()}.tmp.npy")
+        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
 
     def fill(item: tuple[int, Path]) -> None:
         images[item[0]] = decode_image(item[1], size, resize)
 
     with ThreadPoolExecutor(_workers()) as pool:
         list(track(pool.map(fill, enumerate(paths)), "decoding images", total=len(paths)))
-    if cache_file is None:
+    if cache_dir is None:
         return images
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(f".{cache_file.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, images)
+    images.flush()
+    del images
     os.replace(tmp, cache_file)
     return np.load(cache_file, mmap_mode="r")
 
