@@ -249,7 +249,6 @@ def decode_all(paths: Sequence[Path], size: int, resize: str = "squash",
     if cache_dir is None:
         return images
     images.flush()
-    del images
     os.replace(tmp, cache_file)
     return np.load(cache_file, mmap_mode="r")
 
