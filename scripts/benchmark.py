@@ -104,7 +104,7 @@ def overhead(root: Path, repeats: int, steps: int, warmup: int) -> dict[str, Any
     import lightning as L
     import torch
 
-    from tailtune import pipeline
+    from tailtune.build import models, trainer
 
     class StepClock(L.Callback):
         def __init__(self) -> None:
@@ -118,16 +118,16 @@ def overhead(root: Path, repeats: int, steps: int, warmup: int) -> dict[str, Any
                    "trainer.max_epochs=1", f"trainer.limit_train_batches={n}",
                    "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
                    "trainer.num_sanity_val_steps=0"], root / "overhead" / "run")
-    datamodule, model = pipeline.build_experiment(cfg)
+    datamodule, model = models.build_experiment(cfg)
     plain_model = copy.deepcopy(model)  # the same weights, never touched by a Trainer
 
     def lightning_steps(run: int) -> list[float]:
         clock = StepClock()
         run_dir = root / "overhead" / f"lightning{run}"
-        trainer = pipeline.build_trainer(
-            cfg, run_dir, [*pipeline.training_callbacks(cfg, datamodule), clock],
-            pipeline.build_loggers(cfg))  # TensorBoard, as a user's run
-        trainer.fit(model, datamodule=datamodule)
+        fitter = trainer.build_trainer(
+            cfg, run_dir, [*trainer.training_callbacks(cfg, datamodule), clock],
+            trainer.build_loggers(cfg))  # TensorBoard, as a user's run
+        fitter.fit(model, datamodule=datamodule)
         return [b - a for a, b in zip(clock.marks, clock.marks[1:], strict=False)][warmup:]
 
     m = plain_model

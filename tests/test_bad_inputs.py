@@ -25,8 +25,8 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
-import tailtune.pipeline  # noqa: F401 - Lightning's log handlers bind to the session's stderr
-from conftest import compose_config, run_cli
+import tailtune.build.models  # noqa: F401 - Lightning's log handlers bind to the session's stderr
+from helpers import compose_config, run_cli
 from tailtune.cli import evaluate as eval_cli
 from tailtune.cli import predict as predict_cli
 from tailtune.cli import train as train_cli
@@ -259,8 +259,8 @@ def test_cache_dir_without_write_permission_is_refused(cli, tmp_path):
 
 
 def test_nan_loss_stops_the_run_naming_epoch_and_batch(cli, tmp_path):
-    # NaN images in epoch 1, batch 1 (tests/probes.py): epoch 0 already wrote checkpoints.
-    code, err = cli("+callbacks.nan._target_=probes.InjectNaN", "+callbacks.nan.epoch=1",
+    # NaN images in epoch 1, batch 1 (tests/helpers/probes.py): epoch 0 already wrote checkpoints.
+    code, err = cli("+callbacks.nan._target_=helpers.probes.InjectNaN", "+callbacks.nan.epoch=1",
                     "+callbacks.nan.batch=1")
     assert_one_readable_error(code, err, "loss is nan at epoch 1, batch 1")
     assert_no_complete_run(tmp_path)
@@ -282,7 +282,7 @@ def test_resuming_from_a_checkpoint_of_another_dataset_is_refused(cli, tmp_path,
                                                                   folder_checkpoint):
     _, best = folder_checkpoint  # 3 image-folder classes; this run is on digits
     code, err = cli(f"ckpt_path={best}")
-    assert_one_readable_error(code, err, "a checkpoint from a different dataset")
+    assert_one_readable_error(code, err, "from different datasets")
     assert_no_complete_run(tmp_path)
 
 
@@ -294,7 +294,7 @@ def test_evaluating_a_checkpoint_on_changed_data_is_refused(cli, tmp_path, folde
     torch.save(ckpt, tmp_path / "moved.ckpt")
     make_folder(moved / "data", {"train": ["d"], "val": ["d"]})  # a class added since
     code, err = cli(f"ckpt_path={tmp_path / 'moved.ckpt'}", script="eval")
-    assert_one_readable_error(code, err, "a checkpoint from a different dataset")
+    assert_one_readable_error(code, err, "from different datasets")
     assert_no_complete_run(tmp_path / "logs")
 
 

@@ -30,6 +30,7 @@ INJECTED = {"backbone", "preprocess", "info", "loss", "backbone_identity", "extr
 
 
 def test_model_and_data_tables_match_the_constructors():
+    from tailtune.build.config import BUILD_KEYS
     from tailtune.data import folders
     from tailtune.data.datamodule import ImbalancedDataModule
     from tailtune.models.base import ClassifierModule
@@ -37,7 +38,6 @@ def test_model_and_data_tables_match_the_constructors():
     from tailtune.models.ensemble import EnsembleModule
     from tailtune.models.finetune import FineTuneModule
     from tailtune.models.linear_probe import LinearProbeModule
-    from tailtune.pipeline import PIPELINE_KEYS
 
     base = _params(ClassifierModule)
     probe = _params(LinearProbeModule) | base
@@ -48,7 +48,7 @@ def test_model_and_data_tables_match_the_constructors():
         "EnsembleModule": _params(EnsembleModule) | base,
     }
     for name, params in taken.items():
-        table = _keys(schema.MODEL[name]) - set(PIPELINE_KEYS)
+        table = _keys(schema.MODEL[name]) - set(BUILD_KEYS)
         if name == "EnsembleModule":  # how members are built: read by the ensemble pipeline
             table -= {"member_model", "member_models", "member_image_size", "bagging",
                       "boosting", "checkpoints", "member_configs"}

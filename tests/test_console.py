@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 
 BOX = tuple("│├└┌┏┃┡┗┣━─╭╰")  # rich tables and the config tree: structure, not messages
 NOISE = ("Tip:", "litlogger", "litmodels", "LeafSpec", "in eval mode", "exists and is not empty",

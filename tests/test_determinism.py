@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import assert_test_metrics_match_sklearn, run_cli
-from tailtune import pipeline
+from helpers import assert_test_metrics_match_sklearn, run_cli
+from tailtune.build.data import build_datamodule
 from tailtune.cli.train import train
 from tailtune.features import SUFFIX, FeatureCache
 
@@ -59,7 +59,7 @@ def test_same_seed_and_config_give_identical_metrics_json(smoke_cfg):
 def test_sampler_draws_follow_the_seed(smoke_cfg, sampler):
     def draws(seed: int, epoch: int) -> list[int]:
         cfg, _ = smoke_cfg(f"sampler={sampler}", f"seed={seed}", name=f"s{seed}")
-        train_sampler = pipeline.build_datamodule(cfg).train_sampler
+        train_sampler = build_datamodule(cfg).train_sampler
         train_sampler.set_epoch(epoch)
         return list(train_sampler)
 

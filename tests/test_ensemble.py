@@ -12,8 +12,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from conftest import assert_test_metrics_match_sklearn, compose_config, run_cli
-from tailtune import ensemble_pipeline, pipeline
+from helpers import assert_test_metrics_match_sklearn, compose_config, run_cli
+from tailtune.build.data import build_datamodule, build_loss
+from tailtune.build.ensemble import build_combiner, check_members, member_configs, untrained_member
+from tailtune.build.models import load_checkpoint_model, make_ensemble
 from tailtune.cli.evaluate import evaluate
 from tailtune.cli.train import train
 from tailtune.imbalance import ensembles
@@ -168,14 +170,14 @@ def test_members_at_different_resolutions_take_one_raw_batch(smoke_cfg):
     with open_dict(cfg):
         cfg.model.members = [{"backbone": "efficientnet_lite0", "image_size": 24},
                              {"backbone": "efficientnet_lite1", "image_size": 40}]
-    specs = ensemble_pipeline.member_configs(cfg)
+    specs = member_configs(cfg)
     assert [m.model._target_.rsplit(".", 1)[1] for _, m in specs] == \
         ["LinearProbeModule", "FineTuneModule"]
     assert [m.seed for _, m in specs] == [cfg.seed, cfg.seed + 1]
-    images = pipeline.build_datamodule(cfg)
-    members = [ensemble_pipeline.untrained_member(m, images) for _, m in specs]
-    ensemble = ensemble_pipeline.make_ensemble(
-        cfg, members, [n for n, _ in specs], images.info, pipeline.build_loss(cfg, images),
+    images = build_datamodule(cfg)
+    members = [untrained_member(m, images) for _, m in specs]
+    ensemble = make_ensemble(
+        cfg.model, members, [n for n, _ in specs], images.info, build_loss(cfg, images),
         MeanProb())
     assert [m.preprocess.image_size for m in ensemble.members] == [24, 40]
     batch = torch.rand(5, 3, 16, 16)  # raw images at the data's size
@@ -211,13 +213,13 @@ def test_members_of_another_dataset_or_split_are_refused_before_anything_loads()
 
     paths = [Path("a.ckpt"), Path("b.ckpt")]
     ok = ckpt(["x", "y"], "f1")
-    ensemble_pipeline.check_compatible(paths, [ok, ckpt(["x", "y"], "f1")])
+    check_members(paths, [ok, ckpt(["x", "y"], "f1")])
     with pytest.raises(ValueError, match="different datasets"):
-        ensemble_pipeline.check_compatible(paths, [ok, ckpt(["x", "z"], "f1")])
+        check_members(paths, [ok, ckpt(["x", "z"], "f1")])
     with pytest.raises(ValueError, match="data split of b.ckpt differs"):
-        ensemble_pipeline.check_compatible(paths, [ok, ckpt(["x", "y"], "f2")])
+        check_members(paths, [ok, ckpt(["x", "y"], "f2")])
     with pytest.raises(ValueError, match="ensemble checkpoint"):
-        ensemble_pipeline.check_compatible(paths, [ok, ckpt(["x", "y"], "f1", "ensemble")])
+        check_members(paths, [ok, ckpt(["x", "y"], "f1", "ensemble")])
 
 
 def _fake_member_checkpoint(source: Path, target: Path, edit) -> Path:
@@ -323,7 +325,7 @@ def test_bagged_members_train_on_their_own_balanced_subsets(smoke_cfg):
     assert [b["draw_seed"] for b in bags] == [cfg.seed, cfg.seed + 1]
     for bag in bags:
         assert len(set(bag["class_counts"])) == 1  # balanced
-    labels = pipeline.build_datamodule(cfg).split_labels("train")
+    labels = build_datamodule(cfg).split_labels("train")
     subsets = [ensembles.balanced_bag(labels, b["draw_seed"]) for b in bags]
     assert not np.array_equal(subsets[0], subsets[1])
 
@@ -352,7 +354,7 @@ def test_joint_training_sums_member_losses_in_one_run(smoke_cfg):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["members"]) == {"0-efficientnet_lite0", "1-efficientnet_lite1"}
     assert_test_metrics_match_sklearn(run_dir, metrics)
-    model = pipeline.load_checkpoint_model(run_dir / "checkpoints" / "best.ckpt")
+    model = load_checkpoint_model(run_dir / "checkpoints" / "best.ckpt")
     assert [type(m).__name__ for m in model.members] == ["FineTuneModule", "LinearProbeModule"]
 
 
@@ -372,4 +374,4 @@ def test_ensemble_config_composes_with_every_combiner(tmp_path):
                                       tmp_path / name)
         assert choices["combiner"] == name
         OmegaConf.to_container(cfg, resolve=True)
-        assert ensemble_pipeline.build_combiner(cfg).name == name
+        assert build_combiner(cfg).name == name

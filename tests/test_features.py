@@ -15,9 +15,8 @@ from torch import nn
 
 from tailtune.backbones import Preprocess
 from tailtune.data.datamodule import ImbalancedDataModule
-from tailtune.data.features import FeatureDataModule
 from tailtune.data.sources import ArraySource
-from tailtune.features import FeatureCache, FeatureExtractor, cache_key
+from tailtune.features import FeatureCache, FeatureDataModule, FeatureExtractor, cache_key
 
 
 class TinyBackbone(nn.Module):

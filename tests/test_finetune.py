@@ -9,7 +9,8 @@ import lightning as L
 import pytest
 import torch
 
-from tailtune import pipeline
+from tailtune.build.models import build_experiment
+from tailtune.build.trainer import build_trainer, training_callbacks
 
 
 class Snapshots(L.Callback):
@@ -55,9 +56,9 @@ class StopAfter(L.Callback):
 
 
 def fit(cfg, run_dir, extra=(), ckpt_path=None):
-    datamodule, model = pipeline.build_experiment(cfg)
-    callbacks = pipeline.training_callbacks(cfg, datamodule) + list(extra)
-    trainer = pipeline.build_trainer(cfg, run_dir, callbacks, loggers=[])
+    datamodule, model = build_experiment(cfg)
+    callbacks = training_callbacks(cfg, datamodule) + list(extra)
+    trainer = build_trainer(cfg, run_dir, callbacks, loggers=[])
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     return model, trainer
 

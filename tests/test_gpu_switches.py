@@ -10,16 +10,18 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tailtune import pipeline
+from tailtune.build.config import BUILD_KEYS, module_config
+from tailtune.build.models import build_experiment
+from tailtune.build.trainer import build_trainer, training_callbacks
 
 ONE_STEP = ("trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
             "model.unfreeze_at=0")
 
 
 def _fit(cfg, run_dir: Path, model=None):
-    datamodule, built = pipeline.build_experiment(cfg)
+    datamodule, built = build_experiment(cfg)
     model = model or built
-    trainer = pipeline.build_trainer(cfg, run_dir, pipeline.training_callbacks(cfg, datamodule),
+    trainer = build_trainer(cfg, run_dir, training_callbacks(cfg, datamodule),
                                      loggers=[])
     trainer.fit(model, datamodule=datamodule)
     return trainer, model
@@ -33,12 +35,12 @@ def test_trainer_gpu_composes_with_every_switch(smoke_cfg):
     assert plain["trainer"]["precision"] in ("bf16-mixed", "16-mixed")
     assert plain["model"]["channels_last"] is True and plain["model"]["compile"] is True
     # The switches are the pipeline's: the module's constructor never sees them.
-    assert not set(pipeline.PIPELINE_KEYS) & set(pipeline.module_config(cfg.model))
+    assert not set(BUILD_KEYS) & set(module_config(cfg.model))
 
 
 def test_bf16_mixed_on_cpu_runs_training_steps_under_autocast(smoke_cfg, tmp_path):
     cfg, _ = smoke_cfg("trainer.precision=bf16-mixed", *ONE_STEP)
-    _, model = pipeline.build_experiment(cfg)
+    _, model = build_experiment(cfg)
     dtypes: list[torch.dtype] = []
     model.head.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
     trainer, _ = _fit(cfg, tmp_path / "run", model)
@@ -49,8 +51,8 @@ def test_bf16_mixed_on_cpu_runs_training_steps_under_autocast(smoke_cfg, tmp_pat
 def test_channels_last_converts_weights_and_inputs_and_keeps_the_outputs(smoke_cfg, tmp_path):
     cfg, _ = smoke_cfg("model.channels_last=true", *ONE_STEP)
     base_cfg, _ = smoke_cfg(*ONE_STEP, name="base")
-    datamodule, model = pipeline.build_experiment(cfg)
-    _, base = pipeline.build_experiment(base_cfg)
+    datamodule, model = build_experiment(cfg)
+    _, base = build_experiment(base_cfg)
     conv = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert not conv.weight.is_contiguous()
@@ -95,5 +97,5 @@ def test_compile_runs_the_training_step_through_the_configured_backend(smoke_cfg
     base_cfg, _ = smoke_cfg(*small, *ONE_STEP, name="base")
     trainer, model = _fit(cfg, tmp_path / "run")
     assert trainer.global_step == 1 and graphs, "the forward never went through the backend"
-    _, base = pipeline.build_experiment(base_cfg)
+    _, base = build_experiment(base_cfg)
     assert set(model.state_dict()) == set(base.state_dict())  # no _orig_mod. prefixes

@@ -23,7 +23,8 @@ from omegaconf import open_dict
 from PIL import Image
 from torch.utils.data import Dataset
 
-from tailtune import pipeline
+from tailtune.build.data import build_datamodule
+from tailtune.build.models import build_experiment
 from tailtune.cli.train import train
 from tailtune.data.datamodule import ImbalancedDataModule
 from tailtune.features import FeatureCache
@@ -33,7 +34,7 @@ SPLITS = ("train", "val", "test")
 
 def _build(smoke_cfg, *overrides: str, name: str = "run") -> ImbalancedDataModule:
     cfg, _ = smoke_cfg(*overrides, name=name)
-    return pipeline.build_datamodule(cfg)
+    return build_datamodule(cfg)
 
 
 def _assert_disjoint(dm: ImbalancedDataModule, keys: list[Any] | None = None) -> None:
@@ -190,7 +191,7 @@ def test_each_split_reads_only_its_own_feature_cache_entry(smoke_cfg, monkeypatc
     if importlib.util.find_spec("tailtune.models.linear_probe") is None:
         pytest.skip("model=linear_probe does not exist yet (tailtune.models.linear_probe)")
     cfg, _ = smoke_cfg("model=linear_probe")
-    cold, _ = pipeline.build_experiment(cfg)  # extracts and writes the three entries
+    cold, _ = build_experiment(cfg)  # extracts and writes the three entries
     keys = {split: cold.cache_report[split]["key"] for split in SPLITS}
     assert len(set(keys.values())) == 3
 
@@ -203,7 +204,7 @@ def test_each_split_reads_only_its_own_feature_cache_entry(smoke_cfg, monkeypatc
         return entry
 
     monkeypatch.setattr(FeatureCache, "get", spy)
-    warm, _ = pipeline.build_experiment(cfg)
+    warm, _ = build_experiment(cfg)
     assert all(warm.cache_report[s]["hit"] for s in SPLITS)
     assert sorted(reads) == sorted((keys[s], s) for s in SPLITS)  # each its own, once
     for split in SPLITS:

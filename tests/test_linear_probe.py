@@ -14,12 +14,18 @@ from omegaconf import OmegaConf
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 
-from conftest import CONFIG_DIR, compose_config, run_cli
-from tailtune import pipeline
+from helpers import CONFIG_DIR, PROBES_ENV, compose_config, run_cli
+from tailtune.build.data import build_datamodule
+from tailtune.build.models import (
+    build_experiment,
+    feature_parts,
+    load_checkpoint_model,
+    model_from_checkpoint,
+)
+from tailtune.build.trainer import build_trainer, training_callbacks
 from tailtune.cli.evaluate import evaluate
 from tailtune.cli.train import train
-from tailtune.data.features import FeatureDataModule
-from tailtune.features import FeatureCache
+from tailtune.features import FeatureCache, FeatureDataModule
 from tailtune.imbalance.resampling import FeatureResampler
 from tailtune.imbalance.samplers import ClassBalancedSampler
 from tailtune.models.decoupled import DecoupledModule, TauNormHead
@@ -29,8 +35,8 @@ FEATURE_SAMPLERS = ["smote", "borderline_smote", "adasyn", "smote_tomek", "smote
 
 
 def fit(cfg, run_dir):
-    datamodule, model = pipeline.build_experiment(cfg)
-    trainer = pipeline.build_trainer(cfg, run_dir, pipeline.training_callbacks(cfg, datamodule),
+    datamodule, model = build_experiment(cfg)
+    trainer = build_trainer(cfg, run_dir, training_callbacks(cfg, datamodule),
                                      loggers=[])
     trainer.fit(model, datamodule=datamodule)
     return datamodule, model, trainer
@@ -40,11 +46,11 @@ def fit(cfg, run_dir):
 def test_probe_trains_only_its_head_on_cached_features_and_checkpoints_no_backbone(
         smoke_cfg, tmp_path):
     cfg, _ = smoke_cfg("model=linear_probe")
-    datamodule, model = pipeline.build_experiment(cfg)
+    datamodule, model = build_experiment(cfg)
     assert isinstance(datamodule, FeatureDataModule)
     backbone_before = copy.deepcopy(model.backbone.state_dict())
     head_before = copy.deepcopy(model.head.state_dict())
-    trainer = pipeline.build_trainer(cfg, tmp_path / "run", pipeline.training_callbacks(
+    trainer = build_trainer(cfg, tmp_path / "run", training_callbacks(
         cfg, datamodule), loggers=[])
     trainer.fit(model, datamodule=datamodule)
 
@@ -60,7 +66,7 @@ def test_probe_trains_only_its_head_on_cached_features_and_checkpoints_no_backbo
 
     # Rebuilt from its config (real weights, not the checkpoint's), it predicts from images
     # what the trained module predicts from the cached features of those images.
-    loaded = pipeline.load_checkpoint_model(ckpt_path)
+    loaded = load_checkpoint_model(ckpt_path)
     images, labels = next(iter(datamodule.images.test_dataloader()))
     features, cached_labels = datamodule.split_features("test")
     assert torch.equal(labels, cached_labels[: len(labels)])
@@ -73,7 +79,7 @@ def test_probe_trains_only_its_head_on_cached_features_and_checkpoints_no_backbo
     # A checkpoint whose backbone hashes differently is refused, not silently misused.
     ckpt["tailtune"]["backbone"]["sha256"] = "0" * 32
     with pytest.raises(ValueError, match="differ from those"):
-        pipeline.model_from_checkpoint(ckpt)
+        model_from_checkpoint(ckpt)
 
 
 def test_running_the_backbone_every_step_trains_the_same_probe(smoke_cfg, tmp_path):
@@ -91,7 +97,7 @@ def test_running_the_backbone_every_step_trains_the_same_probe(smoke_cfg, tmp_pa
 def test_standardisation_and_pca_are_fitted_on_training_features_only(smoke_cfg):
     cfg, _ = smoke_cfg("model=linear_probe", "model.standardize=feature", "model.pca_dim=6",
                        "model.hidden_dim=16")
-    datamodule, model = pipeline.build_experiment(cfg)
+    datamodule, model = build_experiment(cfg)
     train_x = datamodule.split_features("train")[0].double()
     val_x = datamodule.split_features("val")[0].double()
     assert torch.allclose(model.feature_mean.double(), train_x.mean(0), atol=1e-5)
@@ -131,7 +137,7 @@ def test_probe_agrees_with_scikit_learn_on_the_cached_features(smoke_cfg):
                              "trainer.limit_test_batches=null", "subsample=null")
     train(cfg, choices)
     probe = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())["test"]
-    datamodule, _ = pipeline.build_experiment(cfg)  # a cache hit: the features trained on
+    datamodule, _ = build_experiment(cfg)  # a cache hit: the features trained on
     assert all(r["hit"] for r in datamodule.cache_report.values())
     x_train, y_train = (t.float().numpy() for t in datamodule.split_features("train"))
     x_test, y_test = (t.float().numpy() for t in datamodule.split_features("test"))
@@ -160,8 +166,8 @@ def test_every_feature_space_sampler_config_resamples_only_what_it_should(name):
     sampler = _sampler_factory(name)(features=features, labels=labels, seed=0, num_classes=3)
     assert isinstance(sampler, FeatureResampler) and sampler.feature_space
     order = list(sampler)
-    rows = sampler.dataset
-    assert len(order) == len(sampler) and max(order) < len(rows)
+    rows = sampler.draw
+    assert len(order) == len(sampler) and max(order) < len(rows.labels)
     original = {tuple(r) for r in features.numpy().round(5)}
     served = [tuple(r) for r in rows.features.numpy().round(5)]
     kept = [r in original for r in served]
@@ -187,19 +193,19 @@ def test_smote_redraws_per_epoch_from_seed_and_epoch_or_stays_fixed():
         for epoch in (0, 1):
             sampler.set_epoch(epoch)
             list(sampler)
-            draws[tag, epoch] = sampler.dataset.features.clone()
+            draws[tag, epoch] = sampler.draw.features.clone()
     assert not torch.equal(draws["per_epoch", 0], draws["per_epoch", 1])
     assert torch.equal(draws["fixed", 0], draws["fixed", 1])
     again = _sampler_factory("smote")(features=features, labels=labels, seed=0, num_classes=3)
     again.set_epoch(1)
     list(again)
-    assert torch.equal(again.dataset.features, draws["per_epoch", 1])  # (seed, epoch) decides
+    assert torch.equal(again.draw.features, draws["per_epoch", 1])  # (seed, epoch) decides
 
 
 @pytest.mark.parametrize("name", ["smote", "adasyn"])
 def test_smote_and_adasyn_change_only_the_training_features(smoke_cfg, name):
     cfg, _ = smoke_cfg("model=linear_probe", f"sampler={name}", "subsample=null")  # k=5 neighbours
-    datamodule, _ = pipeline.build_experiment(cfg)
+    datamodule, _ = build_experiment(cfg)
     cache = FeatureCache(cfg.model.features.cache_dir)
     for split in ("val", "test"):  # served as cached, row for row
         entry = cache.get(datamodule.cache_report[split]["key"])
@@ -209,7 +215,7 @@ def test_smote_and_adasyn_change_only_the_training_features(smoke_cfg, name):
     sampler = datamodule.train_sampler
     assert isinstance(sampler, FeatureResampler)
     batch_x, batch_y = next(iter(datamodule.train_dataloader()))
-    rows = sampler.dataset
+    rows = sampler.draw
     n = len(train_y)
     assert torch.equal(rows.features[:n], train_x.float())  # originals kept, then new ones
     assert torch.equal(rows.labels[:n], train_y)
@@ -223,7 +229,7 @@ def test_smote_and_adasyn_change_only_the_training_features(smoke_cfg, name):
 def test_feature_space_sampler_under_finetune_is_refused_with_the_reason(smoke_cfg):
     cfg, _ = smoke_cfg("sampler=smote")
     with pytest.raises(ValueError, match="resamples feature vectors.*model=linear_probe"):
-        pipeline.build_datamodule(cfg)
+        build_datamodule(cfg)
 
 
 # -- decoupled classifier re-balancing ----------------------------------------------------------
@@ -232,7 +238,7 @@ def finetuned_checkpoint(smoke_cfg, tmp_path) -> tuple[Path, object]:
     """A model=finetune checkpoint whose backbone differs from the packaged weights (as after
     fine-tuning), written as training writes it, without spending a training run on it."""
     cfg, _ = smoke_cfg(name="source")
-    datamodule, model = pipeline.build_experiment(cfg)
+    datamodule, model = build_experiment(cfg)
     with torch.no_grad():
         for param in model.backbone.parameters():
             param.add_(1e-3 * torch.randn_like(param))
@@ -254,21 +260,21 @@ def test_crt_retrains_the_head_with_balanced_sampling_and_keeps_the_backbone_bit
     source_state = torch.load(path, weights_only=True)["state_dict"]
     backbone = {k.removeprefix("backbone."): v for k, v in source_state.items()
                 if k.startswith("backbone.")}
-    for state in (model.backbone.state_dict(), pipeline.load_checkpoint_model(
+    for state in (model.backbone.state_dict(), load_checkpoint_model(
             tmp_path / "run" / "checkpoints" / "last.ckpt").backbone.state_dict()):
         assert state.keys() == backbone.keys()
         assert all(torch.equal(state[k], backbone[k]) for k in backbone)
     assert not torch.equal(model.head.weight, source.head.weight)  # re-initialised, retrained
     # The cache holds these fine-tuned features under their own keys.
-    assert model.backbone_identity["sha256"] != pipeline.build_extractor(
-        smoke_cfg("model=linear_probe", name="probe")[0])[0].backbone_identity["sha256"]
+    assert model.backbone_identity["sha256"] != feature_parts(
+        smoke_cfg("model=linear_probe", name="probe")[0])["extractor"].backbone_identity["sha256"]
 
 
 def test_tau_norm_at_tau_zero_with_the_bias_is_the_source_model(smoke_cfg, finetuned_checkpoint):
     path, source = finetuned_checkpoint
     cfg, _ = smoke_cfg("model=decoupled", f"model.init_from={path}", "model.method=tau_norm",
                        "model.keep_bias=true")
-    datamodule, model = pipeline.build_experiment(cfg)
+    datamodule, model = build_experiment(cfg)
     assert isinstance(model.head, TauNormHead) and float(model.head.tau) == 0.0
     images, _ = next(iter(datamodule.images.test_dataloader()))
     features, _ = datamodule.split_features("test")
@@ -292,7 +298,7 @@ def test_tau_norm_picks_tau_on_validation_and_stores_it(smoke_cfg, tmp_path,
     assert 0.0 <= tau <= 2.0 and metrics["epochs_trained"] == 1  # nothing to train
     assert metrics["val"]["bal_acc"] == pytest.approx(metrics["posthoc"]["tau_norm"]["val_bal_acc"],
                                                       abs=1e-6)
-    loaded = pipeline.load_checkpoint_model(run_dir / "checkpoints" / "best.ckpt")
+    loaded = load_checkpoint_model(run_dir / "checkpoints" / "best.ckpt")
     assert float(loaded.head.tau) == pytest.approx(tau)
 
 
@@ -309,8 +315,8 @@ def test_lws_learns_only_per_class_scales(smoke_cfg, tmp_path, finetuned_checkpo
 def test_decoupled_refuses_a_checkpoint_of_another_split(smoke_cfg, finetuned_checkpoint):
     path, _ = finetuned_checkpoint
     cfg, _ = smoke_cfg("model=decoupled", f"model.init_from={path}", "data.split_seed=3")
-    with pytest.raises(ValueError, match="split differs"):
-        pipeline.build_experiment(cfg)
+    with pytest.raises(ValueError, match="data split of .* differs"):
+        build_experiment(cfg)
 
 
 @pytest.mark.slow
@@ -318,8 +324,9 @@ def test_ddp_probe_extracts_once_and_ranks_agree(tmp_path):
     probe = tmp_path / "probe"
     result = run_cli(
         "tailtune-train", "debug=smoke", "trainer=ddp_sim", "model=linear_probe", "sampler=smote",
-        "+callbacks.probe._target_=probes.WeightDigest", f"+callbacks.probe.out_dir={probe}",
-        cwd=tmp_path, env={"PYTHONPATH": str(Path(__file__).parent)})
+        "+callbacks.probe._target_=helpers.probes.WeightDigest",
+        f"+callbacks.probe.out_dir={probe}",
+        cwd=tmp_path, env=PROBES_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (probe / "rank0.txt").read_text() == (probe / "rank1.txt").read_text()
     entries = list((tmp_path / "logs" / "cache" / "features").glob("*.feat"))

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CONFIG_DIR, run_cli
+from helpers import CONFIG_DIR, PROBES_ENV, run_cli
 
 pytestmark = pytest.mark.slow
-PROBES = {"PYTHONPATH": str(Path(__file__).parent)}
+PROBES = PROBES_ENV
 
 
 def _job_dirs(sweep: Path) -> list[Path]:
@@ -158,7 +158,7 @@ def _wait_for_epoch(path: Path, epoch: int, proc: subprocess.Popen, timeout: flo
 
 
 def test_sigkill_mid_epoch_then_resume_auto_matches_an_uninterrupted_run(tmp_path):
-    slow = ["+callbacks.slow._target_=probes.SlowDown", "+callbacks.slow.seconds=0.4"]
+    slow = ["+callbacks.slow._target_=helpers.probes.SlowDown", "+callbacks.slow.seconds=0.4"]
     whole = _start(tmp_path / "whole")
     assert whole.wait(600) == 0, whole.stdout.read()[-3000:]
 
@@ -180,7 +180,7 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_an_uninterrupted_run(tmp_pat
 
 def test_sigterm_saves_a_checkpoint_and_the_restart_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _start(run_dir, "+callbacks.slow._target_=probes.SlowDown")
+    proc = _start(run_dir, "+callbacks.slow._target_=helpers.probes.SlowDown")
     _wait_for_epoch(run_dir / "checkpoints" / "last.ckpt", 0, proc)
     proc.send_signal(signal.SIGTERM)
     proc.wait(120)
@@ -203,7 +203,7 @@ def test_requeue_signal_checkpoints_requeues_and_the_requeued_job_resumes(tmp_pa
     (bin_dir / "scontrol").chmod(0o755)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
     run_dir = tmp_path / "job"
-    proc = _start(run_dir, "+callbacks.slow._target_=probes.SlowDown", env=env)
+    proc = _start(run_dir, "+callbacks.slow._target_=helpers.probes.SlowDown", env=env)
     _wait_for_epoch(run_dir / "checkpoints" / "last.ckpt", 0, proc)
     proc.send_signal(signal.SIGUSR2)
     proc.wait(120)

@@ -12,6 +12,6 @@ def load(ckpt_path: str, map_location: str = "cpu"):
     tensor ``[N, 3, H, W]`` in ``[0, 1]`` (any size: the model resizes and normalises itself)
     and returns class probabilities; ``model.class_names`` names the columns.
     """
-    from tailtune.pipeline import load_checkpoint_model
+    from tailtune.build.models import load_checkpoint_model
 
     return load_checkpoint_model(ckpt_path, map_location=map_location)

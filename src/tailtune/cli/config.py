@@ -23,17 +23,9 @@ from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+# CONFIG_PATH: the entry points' config_path, re-exported for them.
+from tailtune.build.config import CONFIG_PATH, config_dirs  # noqa: F401
 
-def _config_path() -> str:
-    """Packaged configs after ``pip install .``; the repo's own ``configs/`` in a checkout
-    (an editable install leaves the package dir without them)."""
-    package_dir = Path(__file__).resolve().parents[1]
-    if (package_dir / "configs" / "train.yaml").is_file():
-        return "pkg://tailtune.configs"
-    return str(package_dir.parents[1] / "configs")
-
-
-CONFIG_PATH = _config_path()
 T = TypeVar("T")
 
 
@@ -98,18 +90,8 @@ def checkpoint_problem(path: Any, key: str = "ckpt_path") -> str | None:
     return None
 
 
-def _config_dirs() -> list[Path]:
-    dirs = [Path(os.environ["TAILTUNE_CONFIG_DIR"])] if os.environ.get("TAILTUNE_CONFIG_DIR") \
-        else []
-    if CONFIG_PATH.startswith("pkg://"):
-        dirs.append(Path(__file__).resolve().parents[1] / "configs")
-    else:
-        dirs.append(Path(CONFIG_PATH))
-    return dirs
-
-
 def _options(group: str) -> list[str]:
-    return sorted({p.stem for root in _config_dirs() for p in (root / group).glob("*.yaml")})
+    return sorted({p.stem for root in config_dirs() for p in (root / group).glob("*.yaml")})
 
 
 def ensemble_problems(model: Any) -> list[str]:

@@ -22,49 +22,53 @@ register_resolvers()
 def evaluate(cfg: DictConfig) -> dict:
     """Test a checkpoint on the split it was trained with; writes its own metrics.json."""
     check_config(cfg, entry="eval")  # before torch is imported: bad input fails in a second
-    from tailtune import console, pipeline
+    from tailtune import console
+    from tailtune.build import checkpoints, data, models, results, trainer
+    from tailtune.build.config import eval_data_config
     from tailtune.run_record import RunRecord
 
     console.setup()
     if (cfg.get("model") or {}).get("_target_"):  # model=ensemble model.checkpoints=[...]
         return evaluate_ensemble(cfg)
-    checkpoint = pipeline.read_checkpoint(cfg.ckpt_path)
+    checkpoint = checkpoints.read_checkpoint(cfg.ckpt_path)
     run_cfg = OmegaConf.create(checkpoint["tailtune"]["config"])
     run_cfg.paths = cfg.paths  # this eval's own dirs, not the training run's
-    run_cfg.data = pipeline.eval_data_config(run_cfg.data, cfg.get("data"))
+    run_cfg.data = eval_data_config(run_cfg.data, cfg.get("data"))
     run_dir = Path(cfg.paths.output_dir)
     record = RunRecord(run_dir)
     record.start({"ckpt_path": str(cfg.ckpt_path)})
     save_hydra_files(cfg, run_dir)
     try:
-        datamodule = pipeline.build_datamodule(run_cfg)
-        pipeline.check_same_split(checkpoint, datamodule.info)
-        model = pipeline.model_from_checkpoint(checkpoint)
-        trainer = pipeline.build_trainer(cfg, run_dir)
+        datamodule = data.build_datamodule(run_cfg)
+        checkpoints.check_same_split(checkpoints.dataset_info(checkpoint), datamodule.info)
+        model = models.model_from_checkpoint(checkpoint)
+        tester = trainer.build_trainer(cfg, run_dir)
         if cfg.split == "val":
-            trainer.validate(model, datamodule=datamodule, verbose=False)
-            results = {"val": dict(model.val_results)}
+            tester.validate(model, datamodule=datamodule, verbose=False)
+            metrics = {"val": dict(model.val_results)}
         else:
-            trainer.test(model, datamodule=datamodule, verbose=False)
-            results = {"test": dict(model.test_results)}
-            pipeline.write_test_artifacts(model, run_dir)
+            tester.test(model, datamodule=datamodule, verbose=False)
+            metrics = {"test": dict(model.test_results)}
+            results.write_test_artifacts(model, run_dir)
     except BaseException as err:
         record.fail(err)
         console.print_failure(run_dir, err)
         raise
-    results.update({"ckpt_path": str(cfg.ckpt_path), "dataset": datamodule.info.to_dict()})
-    record.finish(results)
-    console.print_results(results, run_dir, title=f"{cfg.split} metrics")
-    return results
+    metrics.update({"ckpt_path": str(cfg.ckpt_path), "dataset": datamodule.info.to_dict()})
+    record.finish(metrics)
+    console.print_results(metrics, run_dir, title=f"{cfg.split} metrics")
+    return metrics
 
 
 def evaluate_ensemble(cfg: DictConfig) -> dict:
     """Assemble an ensemble from trained runs' checkpoints (no retraining): fit the combiner
     on validation, report test; writes metrics.json and the ensemble's own checkpoint."""
-    from tailtune import console, ensemble_pipeline
+    from tailtune import console
+    from tailtune.build import ensemble
+    from tailtune.build.config import model_class
     from tailtune.run_record import RunRecord
 
-    if not ensemble_pipeline.is_ensemble(cfg):
+    if not model_class(cfg).is_ensemble:
         raise ValueError("tailtune-eval builds only model=ensemble (from model.checkpoints); "
                          "evaluate a single model with ckpt_path=PATH")
     run_dir = Path(cfg.paths.output_dir)
@@ -72,7 +76,7 @@ def evaluate_ensemble(cfg: DictConfig) -> dict:
     record.start({"checkpoints": [str(c) for c in cfg.model.get("checkpoints") or []]})
     save_hydra_files(cfg, run_dir)
     try:
-        results = ensemble_pipeline.assemble_from_checkpoints(cfg, run_dir)
+        results = ensemble.assemble_from_checkpoints(cfg, run_dir)
     except BaseException as err:
         record.fail(err)
         console.print_failure(run_dir, err)

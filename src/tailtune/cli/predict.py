@@ -34,12 +34,14 @@ def predict(cfg: DictConfig) -> dict:
     from rich.progress import Progress
     from torch.utils.data import DataLoader
 
-    from tailtune import pipeline
+    from tailtune.build.checkpoints import read_checkpoint
+    from tailtune.build.models import model_from_checkpoint
+    from tailtune.build.trainer import choose_device
     from tailtune.data.folders import list_inputs
     from tailtune.data.images import ImageFiles
     from tailtune.run_record import RunRecord
 
-    checkpoint = pipeline.read_checkpoint(cfg.ckpt_path)
+    checkpoint = read_checkpoint(cfg.ckpt_path)
     files, labels = list_inputs(str(cfg.input))
     run_dir = Path(cfg.paths.output_dir)
     output = Path(cfg.output).expanduser() if cfg.get("output") else run_dir / "predictions.csv"
@@ -47,9 +49,7 @@ def predict(cfg: DictConfig) -> dict:
     record.start({"ckpt_path": str(cfg.ckpt_path), "input": str(cfg.input)})
     save_hydra_files(cfg, run_dir)
     try:
-        device = cfg.device if cfg.device != "auto" else (
-            "cuda" if torch.cuda.is_available() else "cpu")
-        model = pipeline.model_from_checkpoint(checkpoint).to(device).eval()
+        model = model_from_checkpoint(checkpoint).to(choose_device(cfg.device)).eval()
         resize = checkpoint["tailtune"]["config"].get("data", {}).get("resize", "squash")
         dataset = ImageFiles(files, model.info.image_size, resize)
         loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers)

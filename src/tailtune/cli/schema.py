@@ -381,7 +381,7 @@ _CLASSIFIER: Table = {  # ClassifierModule's own settings, shared by every model
 }
 FEATURE_DTYPES = ("float32", "float16", "bfloat16")
 _FEATURES: Table = {
-    "features": ANY,  # read by the pipeline, not passed to the module
+    "features": ANY,  # read by the build layer, not passed to the module
     "features.layer": any_of(choice("pre_logits"), Int(0)),
     "features.dtype": choice(*FEATURE_DTYPES),
     "features.cache": BOOL,
@@ -429,7 +429,7 @@ MODEL: dict[str, Table] = {
         "boosting": choice("none", "samme"),
         "checkpoints": ListOf(TEXT),
         "unfreeze_at": Int(0, null=True),
-        "member_configs": ANY,  # written into ensemble checkpoints by the pipeline
+        "member_configs": ANY,  # written into ensemble checkpoints by the build layer
         "member_names": ANY,
     },
 }

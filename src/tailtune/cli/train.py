@@ -35,7 +35,8 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
     """Fit and test one run; returns ``cfg.optimized_metric`` for sweepers."""
     check_train_config(cfg, choices)  # before torch is imported: bad input fails in a second
     from tailtune import console as output
-    from tailtune import ensemble_pipeline, pipeline
+    from tailtune.build import checkpoints, ensemble, models, results, trainer
+    from tailtune.build.config import config_tree, config_yaml, model_class, run_name
     from tailtune.run_record import RunRecord, finished_metrics
 
     output.setup()
@@ -47,41 +48,44 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
             raise FileExistsError(f"{run_dir} already holds a finished run; pass resume=auto "
                                   "to skip it, or choose another hydra.run.dir")
         console.print(f"[yellow]skipping finished run[/] {run_dir}")
-        return pipeline.optimized_value(done, cfg.optimized_metric)
+        return results.optimized_value(done, cfg.optimized_metric)
 
-    record = RunRecord(run_dir, rank_zero=pipeline.is_rank_zero())
+    record = RunRecord(run_dir, rank_zero=trainer.is_rank_zero())
     record.start({"choices": choices or {}, "overrides": overrides or []})
     if record.rank_zero:
         save_hydra_files(cfg, run_dir)
     try:
-        pipeline.reset_process_state(cfg)  # joblib reuses worker processes between jobs
-        record.save_config(pipeline.config_yaml(cfg))
+        trainer.reset_process_state(cfg)  # joblib reuses worker processes between jobs
+        record.save_config(config_yaml(cfg))
         if record.rank_zero:  # once, not once per DDP rank
-            console.print(pipeline.config_tree(cfg))
+            console.print(config_tree(cfg))
             note_disabled_figures(cfg, choices or {})
 
-        if ensemble_pipeline.is_ensemble(cfg):  # members, then a combiner fitted on val
-            metrics = ensemble_pipeline.fit_ensemble(cfg, run_dir, choices or {},
-                                                     overrides or [])
+        if model_class(cfg).is_ensemble:  # members, then a combiner fitted on val
+            metrics = ensemble.fit_ensemble(cfg, run_dir, choices or {}, overrides or [])
         else:
-            datamodule, model = pipeline.build_experiment(cfg)
+            datamodule, model = models.build_experiment(cfg)
             if record.rank_zero:
                 datamodule.print_summary(console)
-            trainer = pipeline.build_trainer(
-                cfg, run_dir, pipeline.training_callbacks(cfg, datamodule),
-                pipeline.build_loggers(cfg, run_name=pipeline.run_name(overrides)))
-            pipeline.log_hyperparameters(trainer, pipeline.hyperparameters(cfg, choices or {}))
+            fitter = trainer.build_trainer(
+                cfg, run_dir, trainer.training_callbacks(cfg, datamodule),
+                trainer.build_loggers(cfg, run_name=run_name(overrides)))
+            trainer.log_hyperparameters(fitter.loggers,
+                                        trainer.hyperparameters(cfg, choices or {}))
 
-            resume_from = pipeline.resume_checkpoint(cfg.get("ckpt_path"), run_dir,
-                                                     auto=cfg.get("resume") == "auto")
+            resume_from = trainer.resume_checkpoint(cfg.get("ckpt_path"), run_dir,
+                                                    auto=cfg.get("resume") == "auto")
             if resume_from:  # another dataset's or split's checkpoint would resume silently
-                pipeline.check_same_split(pipeline.read_checkpoint(resume_from), datamodule.info)
+                checkpoints.check_same_split(
+                    checkpoints.dataset_info(checkpoints.read_checkpoint(resume_from)),
+                    datamodule.info, "the checkpoint to resume")
             ddp_relaunch_as_single_run(str(run_dir))
-            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
-            metrics = pipeline.final_metrics(trainer, model, datamodule, test=cfg.get("test", True))
+            fitter.fit(model, datamodule=datamodule, ckpt_path=resume_from)
+            metrics = results.final_metrics(fitter, model, datamodule,
+                                            test=cfg.get("test", True))
             metrics["overrides"] = overrides or []
-            pipeline.write_test_artifacts(model, run_dir)
-            pipeline.log_final_metrics(trainer, metrics)
+            results.write_test_artifacts(model, run_dir)
+            trainer.log_final_metrics(fitter.loggers, metrics, fitter.global_step)
     except BaseException as err:
         record.fail(err)
         output.print_failure(run_dir, err)
@@ -90,7 +94,7 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
         raise
     record.finish(metrics)
     output.print_results(metrics, run_dir)
-    return pipeline.optimized_value(metrics, cfg.optimized_metric)
+    return results.optimized_value(metrics, cfg.optimized_metric)
 
 
 @readable_config_errors

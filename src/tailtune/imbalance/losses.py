@@ -31,7 +31,7 @@ with ``forward(logits[N, K], target[N]) -> scalar`` (mean reduction).
     ``head_scale * cos`` logits (its margins are on the cosine scale; on raw logits it diverges).
 
 ``set_epoch(epoch)``
-    Called by the pipeline at every epoch start. Schedule state (LDAM's deferred re-weighting) is a
+    Called by the model at every epoch start. Schedule state (LDAM's deferred re-weighting) is a
     pure function of the epoch, so a resumed run behaves exactly like an uninterrupted one.
 
 Class weights and label smoothing
@@ -57,6 +57,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tailtune.imbalance.weights import (
+    Counts,
+    as_counts,
+    clamped_counts,
+    effective_number_weights,
+    inverse_frequency_weights,
+)
+
 __all__ = [
     "BalancedSoftmaxLoss",
     "ClassBalancedLoss",
@@ -74,7 +82,6 @@ __all__ = [
 
 WEIGHTINGS = ("inverse", "sqrt_inverse", "effective_number")
 
-Counts: TypeAlias = Sequence[float] | np.ndarray | Tensor
 # epoch -> the expected class counts a training sampler draws in that epoch.
 CountsSchedule: TypeAlias = Callable[[int], Counts]
 
@@ -82,64 +89,16 @@ CountsSchedule: TypeAlias = Callable[[int], Counts]
 # --------------------------------------------------------------------------- helpers
 
 
-def _as_counts(class_counts: Counts) -> np.ndarray:
-    """Validate ``class_counts`` and return them as a float64 array (unclamped)."""
-    if isinstance(class_counts, Tensor):
-        class_counts = class_counts.detach().cpu().numpy()
-    elif not isinstance(class_counts, np.ndarray):
-        class_counts = list(class_counts)  # also unwraps OmegaConf ListConfig
-    counts = np.asarray(class_counts, dtype=np.float64)
-    if counts.ndim != 1 or counts.size == 0:
-        raise ValueError(f"class_counts must be a non-empty 1-D sequence, got shape {counts.shape}")
-    if not np.all(np.isfinite(counts)) or np.any(counts < 0):
-        raise ValueError(f"class_counts must be finite and non-negative, got {counts.tolist()}")
-    total = counts.sum()
-    if 0 < total <= 1 + 1e-6 and not np.allclose(counts, np.round(counts)):
-        raise ValueError(
-            "class_counts look like probabilities (they sum to 1); pass counts instead, e.g. "
-            "len(sampler) * sampler.expected_class_distribution()"
-        )
-    return counts
-
-
-def _clamped(class_counts: Counts) -> np.ndarray:
-    # An empty class is treated as having one sample: finite logs/powers, largest weight.
-    return np.maximum(_as_counts(class_counts), 1.0)
-
-
-def _normalise_to_k(w: np.ndarray) -> Tensor:
-    return torch.as_tensor(w * (w.size / w.sum()), dtype=torch.float32)
-
-
-def inverse_frequency_weights(
-    class_counts: Counts, power: float = 1.0
-) -> Tensor:
-    """``w_j ∝ n_j^-power`` normalised to sum to K (power 1: inverse, 0.5: sqrt-inverse)."""
-    return _normalise_to_k(_clamped(class_counts) ** -power)
-
-
-def effective_number_weights(
-    class_counts: Counts, beta: float = 0.9999
-) -> Tensor:
-    """Cui et al. 2019: ``w_j = (1 - beta) / (1 - beta^n_j)`` normalised to sum to K."""
-    if not 0.0 <= beta < 1.0:
-        raise ValueError(f"beta must be in [0, 1), got {beta}")
-    n = _clamped(class_counts)
-    # 1 - beta^n via expm1 keeps precision for beta close to 1 (beta^n ~ 1 - n(1-beta)).
-    one_minus_beta_n = -np.expm1(n * math.log(beta)) if beta > 0 else np.ones_like(n)
-    return _normalise_to_k((1.0 - beta) / one_minus_beta_n)
-
-
 def ldam_margins(class_counts: Counts, max_m: float = 0.5) -> Tensor:
     """Cao et al. 2019: ``Delta_j = C / n_j^(1/4)`` with C chosen so that ``max Delta = max_m``."""
     if max_m < 0:
         raise ValueError(f"max_m must be >= 0, got {max_m}")
-    m = _clamped(class_counts) ** -0.25
+    m = clamped_counts(class_counts) ** -0.25
     return torch.as_tensor(m * (max_m / m.max()), dtype=torch.float32)
 
 
 def _log_prior(class_counts: Counts) -> Tensor:
-    n = _clamped(class_counts)
+    n = clamped_counts(class_counts)
     return torch.as_tensor(np.log(n / n.sum()), dtype=torch.float32)
 
 
@@ -214,7 +173,7 @@ class ImbalanceLoss(nn.Module):
         sampled_counts: CountsSchedule | None = None,
     ) -> None:
         super().__init__()
-        counts = _as_counts(class_counts)
+        counts = as_counts(class_counts)
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
         self.num_classes = int(counts.size)
@@ -231,7 +190,7 @@ class ImbalanceLoss(nn.Module):
         ``sampled_counts`` is given, else the real training counts."""
         if self.sampled_counts is None:
             return self.class_counts.double().cpu().numpy()
-        counts = _as_counts(self.sampled_counts(self.epoch if epoch is None else epoch))
+        counts = as_counts(self.sampled_counts(self.epoch if epoch is None else epoch))
         if counts.size != self.num_classes:
             raise ValueError(f"sampled_counts gave {counts.size} classes, expected "
                              f"{self.num_classes}")
@@ -482,7 +441,7 @@ class BalancedSoftmaxLoss(ImbalanceLoss):
 
     def _set_prior(self, counts: np.ndarray) -> None:
         self._set_buffer("log_counts",
-                         torch.as_tensor(np.log(_clamped(counts)), dtype=torch.float32))
+                         torch.as_tensor(np.log(clamped_counts(counts)), dtype=torch.float32))
 
     def logit_prior_shift(self) -> Tensor:
         return -self.log_counts.detach().float().cpu()

@@ -3,13 +3,14 @@
 SMOTE, Borderline-SMOTE and ADASYN synthesise new points; Tomek links, ENN and NearMiss pick
 points by distance. All of them need feature vectors, so they work only where training
 batches are features: ``model=linear_probe`` and ``model=decoupled``. Each class here is
-marked ``feature_space = True``, which the pipeline checks to refuse them, with the reason,
+marked ``feature_space = True``, which the build layer reads to refuse them, with the reason,
 under a model that trains on images.
 
 A resampler is a :class:`~torch.utils.data.Sampler` that owns the rows it serves: at each
 epoch (``set_epoch``) it resamples the training features with a random state drawn from
-``(seed, epoch)``, swaps them into :attr:`FeatureResampler.dataset`, and yields a permutation
-of them. ``per_epoch=False`` draws once (from epoch 0) and reuses that set. Val and test
+``(seed, epoch)``, keeps them as its :attr:`FeatureResampler.draw`, and yields a permutation
+of them (the feature datamodule serves the draw's rows, :mod:`tailtune.features.rows`).
+``per_epoch=False`` draws once (from epoch 0) and reuses that set. Val and test
 features never pass through here.
 
 Epoch length. Most methods give the same number of rows every epoch (SMOTE, ADASYN and
@@ -23,7 +24,7 @@ resampled set.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -31,12 +32,13 @@ from imblearn.combine import SMOTEENN, SMOTETomek
 from imblearn.over_sampling import ADASYN, SMOTE, BorderlineSMOTE
 from imblearn.under_sampling import EditedNearestNeighbours, NearMiss, TomekLinks
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Sampler
 
 __all__ = [
     "ADASYNSampler",
     "BorderlineSMOTESampler",
     "ENNSampler",
+    "Draw",
     "FeatureResampler",
     "NearMissSampler",
     "SMOTEENNSampler",
@@ -52,19 +54,11 @@ def is_feature_space(factory: Any) -> bool:
     return bool(getattr(getattr(factory, "func", factory), "feature_space", False))
 
 
-class FeatureRows(Dataset):
-    """Feature rows and their labels, in memory: a split's cached features, or the rows a
-    resampler serves this epoch (swapped at each draw)."""
+class Draw(NamedTuple):
+    """The rows a resampler serves in an epoch: features ``[M, D]`` and labels ``[M]``."""
 
-    def __init__(self, features: Tensor, labels: Tensor) -> None:
-        self.features = features
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.features[index], self.labels[index]
+    features: Tensor
+    labels: Tensor
 
 
 class FeatureResampler(Sampler[int]):
@@ -110,7 +104,7 @@ class FeatureResampler(Sampler[int]):
         x0, y0 = self.resample(0)
         self.num_samples = len(y0)
         self._first_counts = np.bincount(y0, minlength=self.num_classes)
-        self.dataset = FeatureRows(torch.from_numpy(x0), torch.from_numpy(y0))
+        self.draw = Draw(torch.from_numpy(x0), torch.from_numpy(y0))
         self._last_labels: np.ndarray | None = None
 
     # -- resampling ----------------------------------------------------------------------------
@@ -150,8 +144,7 @@ class FeatureResampler(Sampler[int]):
 
     def __iter__(self):
         x, y = self.resample(self.epoch)
-        self.dataset.features = torch.from_numpy(x)
-        self.dataset.labels = torch.from_numpy(y)
+        self.draw = Draw(torch.from_numpy(x), torch.from_numpy(y))
         rng = np.random.default_rng([self.seed, self.epoch, 1])
         order = rng.permutation(len(y))
         if len(order) > self.num_samples:

@@ -6,8 +6,9 @@ Each sampler draws a fresh index list per epoch from a generator seeded by ``(se
 * the same seed and epoch always give the same list, so a resumed run continues the sequence;
 * under DDP, Lightning's ``DistributedSamplerWrapper`` calls ``list(sampler)`` on every rank and
   shards the result (padding it to a multiple of the world size); all ranks draw the same list,
-  so the shards are consistent. The pipeline must call ``set_epoch`` every epoch (Lightning >= 2.6
-  forwards it through the wrapper; 2.4/2.5 do not).
+  so the shards are consistent. ``set_epoch`` must be called every epoch
+  (:class:`tailtune.callbacks.SamplerEpoch` does; Lightning >= 2.6 forwards it through the
+  wrapper, 2.4/2.5 do not).
 
 The generator is ``np.random.default_rng([seed, epoch])`` rather than ``seed + epoch``: with a sum,
 seed s at epoch e + 1 would replay seed s + 1 at epoch e, correlating runs that differ in seed.
@@ -28,7 +29,7 @@ from imblearn.under_sampling import RandomUnderSampler
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from tailtune.imbalance.losses import effective_number_weights
+from tailtune.imbalance.weights import effective_number_weights
 
 __all__ = [
     "ClassBalancedSampler",
@@ -63,6 +64,10 @@ def sampled_class_counts(sampler: Any, class_counts: Sequence[float], epoch: int
 
 class EpochSampler(Sampler[int]):
     """Base class: label bookkeeping, per-epoch seeding and logging helpers."""
+
+    # Index samplers pick rows of the training split; feature-space resamplers
+    # (:mod:`tailtune.imbalance.resampling`) declare True: they need feature vectors.
+    feature_space: ClassVar[bool] = False
 
     def __init__(self, labels: Labels, seed: int = 0, num_classes: int | None = None) -> None:
         super().__init__()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
@@ -33,7 +33,27 @@ class ClassifierModule(L.LightningModule):
     re-weighted or balanced-softmax loss already removes it). So ``tau = 1`` is the Bayes
     correction towards balanced classes for any sampler and loss, and logit adjustment never
     corrects what training already corrected. It is updated every epoch and checkpointed.
+
+    What a model is, the build layer (:mod:`tailtune.build`) reads from these class
+    attributes, never from config keys: ``kind`` names it in checkpoints;
+    ``trains_on_features``: it is built on a frozen :class:`FeatureExtractor
+    <tailtune.features.extractor.FeatureExtractor>` (``extractor=``) and trains on that
+    extractor's (cached) features, served as ``model.features`` says; otherwise it gets the
+    backbone group's ``backbone``, ``preprocess`` and ``backbone_identity``;
+    ``builds_on_checkpoint``: its extractor and ``source_head`` come from the trained
+    checkpoint ``model.init_from``; ``is_ensemble``: it is built from member models.
     """
+
+    kind: ClassVar[str] = "classifier"
+    trains_on_features: ClassVar[bool] = False
+    builds_on_checkpoint: ClassVar[bool] = False
+    is_ensemble: ClassVar[bool] = False
+
+    @classmethod
+    def wants_balanced_sampling(cls, settings: Mapping[str, Any]) -> bool:
+        """Whether a model configured with ``settings`` (its config node) trains with
+        class-balanced sampling when no sampler is chosen (``sampler=none``)."""
+        return False
 
     def __init__(
         self,
@@ -50,6 +70,8 @@ class ClassifierModule(L.LightningModule):
         self.info = info
         self.criterion = loss
         self.logit_adjust_tau = logit_adjust_tau
+        self.many_threshold = many_threshold  # shot groups of the metrics
+        self.few_threshold = few_threshold
         self.confusion_every_n_epochs = confusion_every_n_epochs
         self.log_figures = log_figures
         self.register_buffer("log_prior", self.trained_log_prior(info.class_counts))
@@ -69,10 +91,12 @@ class ClassifierModule(L.LightningModule):
         self.test_predictions: tuple[Tensor, Tensor] | None = None
         self._test_outputs: list[tuple[Tensor, Tensor]] = []
 
-    def _metrics(self, many: int, few: int) -> ImbalancedClassificationMetrics:
+    def _metrics(self, many: int | None = None, few: int | None = None
+                 ) -> ImbalancedClassificationMetrics:
         return ImbalancedClassificationMetrics(
             class_names=list(self.info.class_names), train_counts=list(self.info.class_counts),
-            many_threshold=many, few_threshold=few,
+            many_threshold=self.many_threshold if many is None else many,
+            few_threshold=self.few_threshold if few is None else few,
         )
 
     @staticmethod
@@ -90,10 +114,19 @@ class ClassifierModule(L.LightningModule):
         return self.info.class_names
 
     # -- inference ------------------------------------------------------------------------
-    def adjust_logits(self, logits: Tensor) -> Tensor:
-        """The post-hoc adjustment ``(z - tau log prior + b) / T`` of raw model outputs."""
-        z = logits - self.posthoc_tau.to(logits) * self.log_prior.to(logits)
-        return (z + self.posthoc_bias.to(logits)) / self.posthoc_temperature.to(logits)
+    def adjust_logits(self, logits: Tensor,
+                      adjustment: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        """The post-hoc adjustment ``(z - tau log prior + b) / T`` of raw model outputs, with
+        the model's ``(tau, b, T)`` or those of ``adjustment`` (:meth:`posthoc_adjustment`)."""
+        tau, bias, temperature = adjustment if adjustment is not None else (
+            self.posthoc_tau, self.posthoc_bias, self.posthoc_temperature)
+        z = logits - tau.to(logits) * self.log_prior.to(logits)
+        return (z + bias.to(logits)) / temperature.to(logits)
+
+    def posthoc_adjustment(self) -> tuple[Tensor, Tensor, Tensor]:
+        """A copy of the current ``(tau, b, T)``: the adjustment before :meth:`fit_posthoc`."""
+        return (self.posthoc_tau.detach().clone(), self.posthoc_bias.detach().clone(),
+                self.posthoc_temperature.detach().clone())
 
     def eval_logits(self, images: Tensor) -> Tensor:
         """Logits as reported at val/test time: with the post-hoc adjustment."""

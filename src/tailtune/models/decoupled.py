@@ -20,6 +20,7 @@ from ``init_from`` and refuses a source whose weights changed.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from tailtune.backbones import Preprocess
 from tailtune.data.info import DatasetInfo
-from tailtune.features import FeatureExtractor
+from tailtune.features.extractor import FeatureExtractor
 from tailtune.imbalance import adjust
 from tailtune.models.base import ClassifierModule
 from tailtune.models.heads import CosineHead
@@ -87,6 +88,16 @@ class LWSHead(nn.Module):
 
 class DecoupledModule(LinearProbeModule):
     """Re-balance a fine-tuned model's classifier on its frozen features (``method``)."""
+
+    kind = "decoupled"
+    builds_on_checkpoint = True  # the fine-tuned model.init_from: extractor and source head
+
+    @classmethod
+    def wants_balanced_sampling(cls, settings: Mapping[str, Any]) -> bool:
+        """cRT and LWS retrain with class-balanced sampling (Kang et al.), unless
+        ``class_balanced=false``."""
+        return bool(settings.get("class_balanced", True)) and \
+            settings.get("method", "crt") in BALANCED_SAMPLING_METHODS
 
     def __init__(
         self,
@@ -165,7 +176,7 @@ class DecoupledModule(LinearProbeModule):
 
     def checkpoint_metadata(self) -> dict[str, Any]:
         meta = super().checkpoint_metadata()
-        meta.update({"model": "decoupled",
+        meta.update({"model": self.kind,
                      "decoupled": {"method": self.method, "init_from": self.init_from,
                                    "keep_bias": self.keep_bias,
                                    "tau": float(getattr(self.head, "tau", 0.0))}})

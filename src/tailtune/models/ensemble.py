@@ -6,10 +6,16 @@ of different resolutions and normalisations. ``forward(images)`` combines the me
 (post-hoc adjusted) logits with a :mod:`~tailtune.models.combiners` combiner; the base
 class's post-hoc logit adjustment then applies to the combined scores.
 
-Training: the pipeline either fits members one after another with their own Trainer and
+Training: the build layer either fits members one after another with their own Trainer and
 sampler (``model.training=sequential``: bagging, boosting, feature-cached probes), or fits
 this module directly (``joint``): every step sums the members' own losses on the same batch,
 and each member keeps its own optimizer and lr schedule (manual optimisation).
+
+Assessment (:meth:`EnsembleModule.start_assessment`): through the Trainer's own
+``validate`` and ``test``, as for single models. The validation pass keeps every member's
+logits of the whole split and, at its end, fits the combiner (cross-fitted for stacking) and
+the post-hoc steps on them; the test pass combines the members' test logits with it. Both
+report every member next to the ensemble (:meth:`EnsembleModule.finish_assessment`).
 
 Checkpoints hold the members' weights (``members.<i>.*``; probes leave their frozen backbone
 out, as alone), each member's metadata, and the combiner's fitted state as plain data.
@@ -18,7 +24,7 @@ out, as alone), each member's metadata, and the combiner's fitted state as plain
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -28,10 +34,16 @@ from tailtune.models.base import ClassifierModule
 from tailtune.models.combiners import Combiner, MeanProb
 
 TRAINING_MODES = ("sequential", "joint")
+SPLITS = ("val", "test")
 
 
 class EnsembleModule(ClassifierModule):
     """Members plus a combiner (see the module docstring)."""
+
+    kind = "ensemble"
+    is_ensemble = True
+    # Per-member scalars logged next to the ensemble's (plus recall/<class>).
+    REPORTED: ClassVar[tuple[str, ...]] = ("acc", "bal_acc", "macro_f1")
 
     def __init__(
         self,
@@ -64,6 +76,10 @@ class EnsembleModule(ClassifierModule):
         # Joint: one optimizer per member, stepped together.
         self.automatic_optimization = training != "joint"
         self.log_prior.copy_(self.members_log_prior())
+        # Per split, each batch's member logits and targets while assessing (else None).
+        self._assessing: dict[str, list[tuple[list[Tensor], Tensor]]] | None = None
+        self._report: dict[str, Any] = {}
+        self._before_posthoc: tuple[Tensor, Tensor, Tensor] | None = None
 
     def members_log_prior(self) -> Tensor:
         """The prior the combined scores were trained under: the members' trained priors,
@@ -115,7 +131,7 @@ class EnsembleModule(ClassifierModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         if self.automatic_optimization:
             raise RuntimeError("a sequential ensemble's members are trained one by one by "
-                               "the pipeline, not through the ensemble")
+                               "the build layer, not through the ensemble")
         images, targets = batch
         losses = [member.criterion(member(images), targets) for member in self.members]
         total = torch.stack(losses).sum()
@@ -139,6 +155,112 @@ class EnsembleModule(ClassifierModule):
                      batch_size=n)
         return total
 
+    # -- assessment: the combiner fitted on the whole validation split ----------------------
+    def start_assessment(self) -> None:
+        """Make the next validation pass fit the combiner (if it is fitted) and the post-hoc
+        steps on the members' logits of the whole split, and the next test pass combine the
+        members' test logits with them; both passes report every member too. Logits are
+        kept per member and combined at the end of each pass: a cross-fitted combiner
+        (stacking) scores validation rows with models that never saw them."""
+        self._assessing = {split: [] for split in SPLITS}
+        self._report = {"members": {name: {} for name in self.member_names}}
+        self._before_posthoc = None
+
+    def finish_assessment(self) -> dict[str, Any]:
+        """The report of the assessment passes: the ensemble's ``val`` and ``test`` metrics
+        (and ``posthoc`` with the metrics before it), every member's, the combiner's state and
+        the gain over the best member; stops assessing."""
+        report = self._report
+        self._assessing, self._report = None, {}
+        out: dict[str, Any] = {}
+        if "posthoc" in report:
+            out["posthoc"] = report["posthoc"]
+        out.update({"val": dict(self.val_results), "test": dict(self.test_results),
+                    "members": report["members"], "combiner": self.combiner.state()})
+        best = max(out["members"].values(), key=lambda m: m["test"]["bal_acc"])
+        out["ensemble_minus_best_member_test_bal_acc"] = \
+            out["test"]["bal_acc"] - best["test"]["bal_acc"]
+        return out
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        if self._assessing is None:
+            return super().validation_step(batch, batch_idx)
+        self._keep("val", batch)
+        return None
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        if self._assessing is None:
+            return super().test_step(batch, batch_idx)
+        self._keep("test", batch)
+        return None
+
+    def _keep(self, split: str, batch: tuple[Tensor, Tensor]) -> None:
+        images, targets = batch
+        logits = [z.float().cpu() for z in self.member_logits(images)]
+        self._assessing[split].append((logits, targets.cpu().long()))
+
+    def _take(self, split: str) -> tuple[list[Tensor], Tensor]:
+        """Every member's logits and the targets of the whole split (all DDP ranks)."""
+        outputs, self._assessing[split] = self._assessing[split], []
+        if self._trainer is not None and self.trainer.world_size > 1:
+            import torch.distributed as dist
+
+            shards: list = [None] * self.trainer.world_size
+            dist.all_gather_object(shards, outputs)
+            outputs = [batch for shard in shards for batch in shard]
+        logits = [torch.cat([z[i] for z, _ in outputs]) for i in range(len(self.members))]
+        return logits, torch.cat([t for _, t in outputs])
+
+    def _scored(self, logits: Tensor, targets: Tensor) -> dict[str, float]:
+        metrics = self._metrics()
+        metrics.update(logits.float(), targets)
+        return metrics.compute()
+
+    def _log_split(self, split: str, members: Sequence[Tensor], targets: Tensor) -> None:
+        values = {f"{split}/{key}": value for key, value in
+                  (self.val_results if split == "val" else self.test_results).items()}
+        for name, logits in zip(self.member_names, members, strict=True):
+            scores = self._report["members"][name][split] = self._scored(logits, targets)
+            values.update({f"member/{name}/{split}/{key}": value for key, value in scores.items()
+                           if key in self.REPORTED or key.startswith("recall/")})
+        self.log_dict(values)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._assessing is None:
+            return super().on_validation_epoch_end()
+        logits, targets = self._take("val")
+        if self.combiner.needs_validation:
+            raw = self.fit_combiner(logits, targets)
+        else:
+            self.combiner_fitted = True
+            raw = self.combiner.combine_val(logits)
+        if self.posthoc_steps:
+            self._before_posthoc = self.posthoc_adjustment()
+            before = self._scored(self.adjust_logits(raw), targets)
+            self._report["posthoc"] = {**self.fit_posthoc(raw, targets),
+                                       "before": {"val": before}}
+        self.val_results = self._scored(self.adjust_logits(raw), targets)
+        self._log_split("val", logits, targets)
+        return None
+
+    def on_test_epoch_end(self) -> None:
+        if self._assessing is None:
+            return super().on_test_epoch_end()
+        logits, targets = self._take("test")
+        raw = self.combiner.combine(logits)
+        if self._before_posthoc is not None:
+            self._report["posthoc"]["before"]["test"] = self._scored(
+                self.adjust_logits(raw, self._before_posthoc), targets)
+        scores = self.adjust_logits(raw)
+        self.test_results = self._scored(scores, targets)
+        probs = scores.softmax(dim=1)
+        k = self.info.num_classes
+        self.test_confusion = torch.bincount(targets * k + probs.argmax(dim=1),
+                                             minlength=k * k).view(k, k)
+        self.test_predictions = (targets, probs)
+        self._log_split("test", logits, targets)
+        return None
+
     # -- checkpoints ----------------------------------------------------------------------
     def checkpoint_metadata(self) -> dict[str, Any]:
         meta = super().checkpoint_metadata()
@@ -146,7 +268,7 @@ class EnsembleModule(ClassifierModule):
         for name, member in zip(self.member_names, self.members, strict=True):
             members.append({"name": name, **member.checkpoint_metadata()})
         meta.update({
-            "model": "ensemble",
+            "model": self.kind,
             "members": members,
             "combiner": {**self.combiner.state(), "fitted": self.combiner_fitted},
             # What `tailtune.load` and predict read: each member resizes for itself.

@@ -39,6 +39,8 @@ OptimizerFactory = Callable[[Iterable[dict[str, Any]]], torch.optim.Optimizer]
 class FineTuneModule(ClassifierModule):
     """A timm backbone plus a fresh head, trained head-first then end to end."""
 
+    kind = "finetune"
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -164,7 +166,7 @@ class FineTuneModule(ClassifierModule):
     def checkpoint_metadata(self) -> dict[str, Any]:
         meta = super().checkpoint_metadata()
         meta.update({
-            "model": "finetune",
+            "model": self.kind,
             "preprocess": self.preprocess.to_config(),
             "backbone": self.backbone_identity,
             "head": {"kind": self.head_kind, "scale": self.head_scale},

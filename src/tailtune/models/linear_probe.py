@@ -1,7 +1,7 @@
 """Linear probe: a classifier trained on a frozen pretrained backbone's features.
 
 The fastest way to compare imbalance methods: with the feature cache
-(:class:`~tailtune.data.features.FeatureDataModule`), the backbone runs once per split, not
+(:class:`~tailtune.features.datamodule.FeatureDataModule`), the backbone runs once per split, not
 once per epoch, and every epoch trains only the head on ``[N, D]`` feature rows.
 
 - ``forward(x)`` takes images ``[N, 3, H, W]`` (run through the frozen extractor: eval,
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from tailtune.backbones import Preprocess
 from tailtune.data.info import DatasetInfo
-from tailtune.features import FeatureExtractor
+from tailtune.features.extractor import FeatureExtractor
 from tailtune.models.base import ClassifierModule
 from tailtune.models.heads import build_head
 from tailtune.models.schedules import WarmupCosine
@@ -58,6 +58,9 @@ def build_probe_head(in_features: int, num_classes: int, hidden_dim: int | None 
 
 class LinearProbeModule(ClassifierModule):
     """A frozen :class:`FeatureExtractor` plus a trainable head on its (transformed) features."""
+
+    kind = "linear_probe"
+    trains_on_features = True
 
     def __init__(
         self,
@@ -193,7 +196,7 @@ class LinearProbeModule(ClassifierModule):
     def checkpoint_metadata(self) -> dict[str, Any]:
         meta = super().checkpoint_metadata()
         meta.update({
-            "model": "linear_probe",
+            "model": self.kind,
             "preprocess": self.preprocess.to_config(),
             "backbone": self.backbone_identity,
             "features": self.extractor.identity(),

@@ -1,15 +1,16 @@
 """Serve frozen-backbone features instead of images: the data side of linear probes.
 
 :class:`FeatureDataModule` wraps an image datamodule. At set-up it turns each split into
-feature vectors once, with the model's :class:`~tailtune.features.FeatureExtractor`, reading
-them from the on-disk :class:`~tailtune.features.FeatureCache` when a valid entry exists.
+feature vectors once, with the model's :class:`~tailtune.features.extractor.FeatureExtractor`,
+reading them from the on-disk :class:`~tailtune.features.cache.FeatureCache` when a valid entry
+exists.
 Training then never runs the backbone: batches are ``(features, label)`` rows.
 
 The training sampler is either the image datamodule's own index sampler (the features keep
 the training split's row order, so ``sampler=over``, ``class_balanced``, ... work unchanged)
 or a feature-space resampler (:mod:`tailtune.imbalance.resampling`, e.g. SMOTE), which is
-built here from the training features and serves its own per-epoch rows. Val and test are
-never resampled.
+built here from the training features and draws new rows every epoch (served through
+:class:`~tailtune.features.rows.ResampledRows`). Val and test are never resampled.
 
 Under DDP, rank zero (per node) extracts and writes the cache; the other ranks wait for the
 verified entries and read them.
@@ -36,8 +37,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tailtune.console import track
 from tailtune.data.datamodule import EvalShardSampler, ImbalancedDataModule
 from tailtune.data.info import DatasetInfo
-from tailtune.features import FeatureCache, FeatureExtractor, cache_key, indices_sha256
-from tailtune.imbalance.resampling import FeatureRows
+from tailtune.features.cache import FeatureCache, cache_key, indices_sha256
+from tailtune.features.extractor import FeatureExtractor
+from tailtune.features.rows import FeatureRows, ResampledRows
+from tailtune.imbalance.samplers import sampled_class_counts
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +121,8 @@ class FeatureDataModule(L.LightningDataModule):
 
     ``cache``: where features live between runs; None extracts into memory every run.
     ``resampler``: a feature-space resampler factory
-    ``(features=, labels=, seed=, num_classes=) -> Sampler`` whose ``dataset`` holds the rows
-    it serves; None uses the image datamodule's training sampler.
+    ``(features=, labels=, seed=, num_classes=) -> Sampler`` whose ``draw`` holds the rows it
+    serves in the current epoch; None uses the image datamodule's training sampler.
     """
 
     def __init__(
@@ -153,7 +156,7 @@ class FeatureDataModule(L.LightningDataModule):
 
     # -- set-up ---------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if not self.features:  # idempotent: the pipeline sets up before the Trainer does
+        if not self.features:  # idempotent: the build layer sets up before the Trainer does
             self.images.setup(stage)
             self._load_all()
             self.train_sampler = self._build_train_sampler()
@@ -169,7 +172,7 @@ class FeatureDataModule(L.LightningDataModule):
             if dist.get_rank() != 0:
                 self._load_splits(wait=False)
             return
-        # Before the process group exists (the pipeline sets up data first), the node's
+        # Before the process group exists (the build layer sets up data first), the node's
         # local rank zero extracts and the other ranks wait for its entries.
         self._load_splits(wait=_local_rank() != 0 and self.cache is not None)
 
@@ -265,8 +268,6 @@ class FeatureDataModule(L.LightningDataModule):
 
     def train_class_counts(self, epoch: int) -> np.ndarray:
         """Expected class counts of ``epoch``'s training rows (after any resampling)."""
-        from tailtune.imbalance.samplers import sampled_class_counts
-
         return sampled_class_counts(self.train_sampler, self.info.class_counts, epoch)
 
     def summary_table(self) -> Table:
@@ -285,10 +286,11 @@ class FeatureDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_sampler is not None, "setup() builds the sampler"
-        dataset = getattr(self.train_sampler, "dataset", None)
-        if not isinstance(dataset, Dataset):  # an index sampler over the training split
-            dataset = self.features["train"]
-        return self._loader(dataset, self.batch_size, self.train_sampler)
+        sampler = self.train_sampler
+        # A feature-space resampler draws rows of its own; an index sampler picks training rows.
+        dataset = ResampledRows(sampler) if self.resampler_factory is not None \
+            else self.features["train"]
+        return self._loader(dataset, self.batch_size, sampler)
 
     def _eval_loader(self, split: str) -> DataLoader:
         rows = self.features[split]

@@ -1,5 +1,6 @@
-"""Callbacks that subprocess tests attach through Hydra, e.g.
-`+callbacks.probe._target_=probes.WeightDigest` with `PYTHONPATH=tests`."""
+"""Callbacks that tests attach through Hydra, e.g.
+`+callbacks.probe._target_=helpers.probes.WeightDigest` with `PYTHONPATH=tests`
+(:data:`helpers.PROBES_ENV`) in a subprocess."""
 
 from __future__ import annotations
 
