@@ -78,7 +78,8 @@ BOOSTING = ("none", "samme")
 def member_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
     """``(name, full run config)`` per member: the run's config with the member's backbone
     option (composed by Hydra), its model kind's settings (``model.member_models.<kind>``,
-    composed with the ensemble's node), its own seed (``seed + i``) and its own output dir.
+    composed with the ensemble's node), its own seed (``seed + i``) and its own output dir;
+    no sampler under bagging or boosting (each member gets its own draw).
 
     ``model.members`` entries are backbone option names, or mappings
     ``{backbone: NAME, model: KIND, <backbone key>: value, ...}``.
@@ -94,6 +95,7 @@ def member_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
         raise ValueError(f"model.member_model lists {len(kinds)} kinds for {len(entries)} "
                          "members: give one kind, or one per member")
     available = list(ens.get("member_models") or {})
+    own_draw = (ens.get("bagging") or "none") != "none" or (ens.get("boosting") or "none") != "none"
     out: list[tuple[str, DictConfig]] = []
     for i, (entry, kind) in enumerate(zip(entries, kinds, strict=True)):
         overrides: dict[str, Any] = {}
@@ -125,6 +127,8 @@ def member_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
                                     "backbone": option, "bagging": str(ens.get("bagging")),
                                     "boosting": str(ens.get("boosting"))}
             mcfg.pop("combiner", None)
+            if own_draw:  # bagging and boosting members draw their own training samples
+                mcfg.sampler = None
         out.append((name, mcfg))
     return out
 
@@ -280,9 +284,6 @@ def _fit_sequential(cfg: DictConfig, specs: list[tuple[str, DictConfig]],
             sampler = functools.partial(ensembles.BalancedBagSampler, draw_seed=int(mcfg.seed))
         elif boosting == "samme":
             sampler = functools.partial(ensembles.SampleWeightSampler, weights=weights)
-        if sampler is not None:
-            with open_dict(mcfg):
-                mcfg.sampler = None  # the member's own draw replaces it
         data, model, trainer, info = _train_member(mcfg, sampler)
         if bagging == "under":
             subset = data.train_sampler.subset

@@ -169,6 +169,8 @@ def _cross_key_problems(cfg: DictConfig, choices: dict[str, str], entry: str) ->
     data = cfg.get("data") or {}
     ckpt = cfg.get("ckpt_path") if "ckpt_path" in cfg and not OmegaConf.is_missing(
         cfg, "ckpt_path") else None
+    # Before torch loads, the class a config names cannot be imported to read what it
+    # declares (the build layer does): these early checks go by the class name.
     ensemble = str(model.get("_target_", "")).endswith("EnsembleModule")
     if entry == "train":
         launcher = choices.get("hydra/launcher", "basic")

@@ -83,20 +83,18 @@ class ClassifierModule(L.LightningModule):
         self.register_load_state_dict_pre_hook(_default_posthoc_state)
         self.test_stage = "test"  # the log prefix of test metrics
         self._val_outputs: list[tuple[Tensor, Tensor]] | None = None
-        self.val_metrics = self._metrics(many_threshold, few_threshold)
-        self.test_metrics = self._metrics(many_threshold, few_threshold)
+        self.val_metrics = self._metrics()
+        self.test_metrics = self._metrics()
         self.val_results: dict[str, float] = {}
         self.test_results: dict[str, float] = {}
         self.test_confusion: Tensor | None = None
         self.test_predictions: tuple[Tensor, Tensor] | None = None
         self._test_outputs: list[tuple[Tensor, Tensor]] = []
 
-    def _metrics(self, many: int | None = None, few: int | None = None
-                 ) -> ImbalancedClassificationMetrics:
+    def _metrics(self) -> ImbalancedClassificationMetrics:
         return ImbalancedClassificationMetrics(
             class_names=list(self.info.class_names), train_counts=list(self.info.class_counts),
-            many_threshold=self.many_threshold if many is None else many,
-            few_threshold=self.few_threshold if few is None else few,
+            many_threshold=self.many_threshold, few_threshold=self.few_threshold,
         )
 
     @staticmethod
