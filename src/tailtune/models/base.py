@@ -177,16 +177,19 @@ class ClassifierModule(L.LightningModule):
         images, targets = batch
         logits = self(images)
         loss = self.criterion(logits, targets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}; "
-                "lower model.lr or check the data"
-            )
+        self.check_finite(loss, batch_idx)
         acc = (logits.argmax(dim=1) == targets).float().mean()
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True,
                  batch_size=len(targets))
         self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=len(targets))
         return loss
+
+    def check_finite(self, loss: Tensor, batch_idx: int) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}; "
+                "lower model.lr or check the data"
+            )
 
     # -- evaluation -----------------------------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -28,11 +28,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from tailtune.backbones import Preprocess
 from tailtune.data.info import DatasetInfo
+from tailtune.data.mixing import BatchMix
 from tailtune.models.base import ClassifierModule
 from tailtune.models.heads import build_head
 from tailtune.models.schedules import WarmupCosine
 
 BN_MODES = ("frozen", "train")
+TUNE_MODES = ("full", "bitfit")
 OptimizerFactory = Callable[[Iterable[dict[str, Any]]], torch.optim.Optimizer]
 
 
@@ -52,8 +54,12 @@ class FineTuneModule(ClassifierModule):
         unfreeze_at: int = 5,
         backbone_lr_ratio: float = 0.1,
         train_stages: int | None = None,
+        tune: str = "full",
+        layer_decay: float = 1.0,
         bn_after_unfreeze: str = "frozen",
         head_dropout: float = 0.0,
+        mix: BatchMix | None = None,
+        tta_flip: bool = False,
         optimizer: OptimizerFactory | None = None,
         scheduler: Any = None,
         **base_kwargs: Any,
@@ -68,6 +74,10 @@ class FineTuneModule(ClassifierModule):
                 f"unknown model.bn_after_unfreeze '{bn_after_unfreeze}'; "
                 f"valid: {', '.join(BN_MODES)}"
             )
+        if tune not in TUNE_MODES:
+            raise ValueError(f"unknown model.tune '{tune}'; valid: {', '.join(TUNE_MODES)}")
+        if not 0 < layer_decay <= 1:
+            raise ValueError(f"model.layer_decay must be in (0, 1], got {layer_decay}")
         self.backbone = backbone
         self.preprocess = preprocess
         self.backbone_identity = dict(backbone_identity or {})
@@ -80,6 +90,10 @@ class FineTuneModule(ClassifierModule):
         self.unfreeze_at = unfreeze_at
         self.backbone_lr_ratio = backbone_lr_ratio
         self.bn_after_unfreeze = bn_after_unfreeze
+        self.tune = tune
+        self.layer_decay = layer_decay
+        self.mix = mix
+        self.tta_flip = tta_flip
         self.optimizer_factory = optimizer or (lambda groups: torch.optim.AdamW(groups))
         self.schedule = scheduler if scheduler is not None else WarmupCosine()
         self.trainable_prefixes = self._select_stages(train_stages)
@@ -103,6 +117,8 @@ class FineTuneModule(ClassifierModule):
         return tuple(name for group in chosen for name in group)
 
     def _is_trainable(self, param_name: str) -> bool:
+        if self.tune == "bitfit" and not param_name.endswith("bias"):
+            return False  # BitFit (Ben Zaken et al. 2022): only the biases of the backbone
         return any(param_name.startswith(p) for p in self.trainable_prefixes)
 
     @property
@@ -133,19 +149,54 @@ class FineTuneModule(ClassifierModule):
             return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.features(images))
+        logits = self.head(self.features(images))
+        if self.tta_flip and not self.training:
+            # Test-time flip: the mean logits of the image and its mirror image.
+            logits = (logits + self.head(self.features(images.flip(-1)))) / 2
+        return logits
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        if self.mix is None:
+            return super().training_step(batch, batch_idx)
+        images, targets = batch
+        mixed, partner, lam = self.mix(images, targets)
+        logits = self(mixed)
+        # Zhang et al.'s mixed criterion: any loss, prior-corrected ones included.
+        loss = lam * self.criterion(logits, targets) + (1 - lam) * self.criterion(logits, partner)
+        self.check_finite(loss, batch_idx)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=len(targets))
+        return loss
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self.train()  # the BatchNorm/dropout mode depends on the epoch
 
     # -- optimisation ----------------------------------------------------------------------
+    def backbone_param_groups(self) -> list[dict[str, Any]]:
+        """The trainable backbone parameters, one group, or with ``layer_decay < 1`` one per
+        timm block (``group_matcher``), the lr decaying by ``layer_decay`` per block from the
+        top (layer-wise lr decay: Clark et al. 2020, Bao et al. 2022). The lrs are set here,
+        not as timm's ``lr_scale``, which torch schedulers ignore."""
+        base = self.lr * self.backbone_lr_ratio
+        if self.layer_decay == 1.0:
+            params = [p for p in self.backbone.parameters() if p.requires_grad]
+            return [{"params": params, "lr": base, "name": "backbone"}] if params else []
+        named = dict(self.backbone.named_parameters())
+        blocks = list(group_parameters(self.backbone,
+                                       self.backbone.group_matcher(coarse=False)).values())
+        groups = []
+        for depth, names in enumerate(blocks):
+            params = [named[n] for n in names if named[n].requires_grad]
+            if params:
+                scale = self.layer_decay ** (len(blocks) - 1 - depth)
+                groups.append({"params": params, "lr": base * scale,
+                               "name": f"backbone.{depth}"})
+        return groups
+
     def configure_optimizers(self) -> dict[str, Any]:
-        backbone_params = [p for p in self.backbone.parameters() if p.requires_grad]
-        groups = [{"params": list(self.head.parameters()), "lr": self.lr, "name": "head"}]
-        if backbone_params:
-            groups.append({"params": backbone_params, "lr": self.lr * self.backbone_lr_ratio,
-                           "name": "backbone"})
+        groups = [{"params": list(self.head.parameters()), "lr": self.lr, "name": "head"},
+                  *self.backbone_param_groups()]
         optimizer = self.optimizer_factory(groups)
         total = int(self.trainer.estimated_stepping_batches)
         epochs = max(1, int(self.trainer.max_epochs or 1))
@@ -158,7 +209,7 @@ class FineTuneModule(ClassifierModule):
         def backbone_factor(step: int) -> float:
             return self.schedule.factor(step, unfreeze_step, total, per_epoch)
 
-        lambdas = [head_factor, backbone_factor][: len(groups)]
+        lambdas = [head_factor] + [backbone_factor] * (len(groups) - 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,101 @@
+"""The long-tail recipe's switches: layer-wise lr decay, BitFit, mixup/CutMix, test-time flip."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tailtune.build.models import build_experiment
+from tailtune.data.mixing import BatchMix
+from test_finetune import Snapshots, fit
+
+MIX = "+model.mix={_target_:tailtune.data.mixing.BatchMix,mixup_alpha:0.4,cutmix_alpha:1.0}"
+
+
+def test_layer_decay_gives_each_block_its_own_lr_decaying_from_the_top(smoke_cfg, tmp_path):
+    cfg, _ = smoke_cfg("model.layer_decay=0.5", "model.backbone_lr_ratio=0.2", "model.lr=0.01",
+                       "model.scheduler.warmup_epochs=0", "model.scheduler.min_lr_ratio=1.0")
+    snaps = Snapshots()
+    model, trainer = fit(cfg, tmp_path / "run", [snaps])
+    groups = trainer.optimizers[0].param_groups
+    assert groups[0]["name"] == "head" and len(groups) > 3
+    blocks = [g for g in groups[1:]]
+    depths = [int(g["name"].split(".")[1]) for g in blocks]
+    top = max(depths)
+    for group, depth in zip(blocks, depths):
+        assert group["initial_lr"] == pytest.approx(0.01 * 0.2 * 0.5 ** (top - depth))
+    # every trainable backbone parameter is in exactly one group
+    grouped = [id(p) for g in blocks for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.backbone.parameters())
+    # the frozen epoch trains none of them (lr factor 0), the unfrozen epoch all at their lr
+    assert all(lr == 0 for lr in snaps.lrs[0][1:])
+    assert snaps.lrs[1][1:] == pytest.approx([g["initial_lr"] for g in blocks])
+
+
+def test_bitfit_changes_only_backbone_biases(smoke_cfg, tmp_path):
+    cfg, _ = smoke_cfg("model.tune=bitfit", "model.lr=0.05", "model.backbone_lr_ratio=1.0")
+    snaps = Snapshots()
+    model, _ = fit(cfg, tmp_path / "run", [snaps])
+    before, after = snaps.initial, snaps.backbone[-1]
+    params = dict(model.backbone.named_parameters())
+    changed = {k for k in params if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith("bias") for k in changed)
+    assert all(not p.requires_grad for k, p in params.items() if not k.endswith("bias"))
+
+
+def test_mixup_is_the_convex_combination_with_a_permutation():
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 3, 6, 6), torch.arange(8)
+    mixed, partner, lam = BatchMix(mixup_alpha=0.4, seed=3)(x, y)
+    order = partner  # labels are 0..7, so the partner labels are the permutation
+    assert 0 <= lam <= 1 and sorted(order.tolist()) == list(range(8))
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x[order])
+
+
+def test_cutmix_pastes_a_box_and_lam_is_the_area_left():
+    x, y = torch.zeros(4, 3, 10, 10), torch.arange(4)
+    x += y.view(4, 1, 1, 1).float()  # image i is filled with the value i
+    mixed, partner, lam = BatchMix(cutmix_alpha=1.0, seed=1)(x, y)
+    from_partner = (mixed != x).any(dim=1).float().mean(dim=(1, 2))  # where pixels changed
+    moved = partner != y
+    assert torch.allclose(from_partner[moved], torch.full_like(from_partner[moved], 1 - lam))
+    assert x.sum() > 0 and mixed.shape == x.shape
+
+
+def test_bad_mix_settings_are_refused():
+    with pytest.raises(ValueError, match="mixup_alpha > 0 or cutmix_alpha > 0"):
+        BatchMix()
+    with pytest.raises(ValueError, match="prob"):
+        BatchMix(mixup_alpha=0.2, prob=1.5)
+
+
+def test_mixed_training_step_is_the_mixed_criterion(smoke_cfg):
+    cfg, _ = smoke_cfg(MIX, "loss=balanced_softmax")
+    _, model = build_experiment(cfg)
+    model.train()
+    x, y = torch.rand(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 4, 5])
+    replay = copy.deepcopy(model.mix)
+    loss = model.training_step((x, y), 0)
+    mixed, partner, lam = replay(x, y)
+    logits = model(mixed)
+    expected = lam * model.criterion(logits, y) + (1 - lam) * model.criterion(logits, partner)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_tta_flip_averages_the_mirror_image_at_eval_only(smoke_cfg):
+    cfg, _ = smoke_cfg("model.tta_flip=true")
+    _, model = build_experiment(cfg)
+    x = torch.rand(3, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        plain = model.head(model.features(x))
+        mirrored = model.head(model.features(x.flip(-1)))
+        torch.testing.assert_close(model(x), (plain + mirrored) / 2)
+        symmetric = torch.cat([x[..., :8], x[..., :8].flip(-1)], dim=-1)
+        torch.testing.assert_close(model(symmetric), model.head(model.features(symmetric)))
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(F.softmax(model(x), 1), F.softmax((plain + mirrored) / 2, 1))
