@@ -167,3 +167,51 @@ def test_finetune_run_tunes_posthoc_on_val_and_its_checkpoint_carries_it(smoke_c
     expected = ((raw - model.posthoc_tau * model.log_prior + model.posthoc_bias)
                 / model.posthoc_temperature).softmax(1)
     assert torch.allclose(model.predict_images(images), expected, atol=1e-6)
+
+
+def _fit_tau(z, t):
+    tau, _ = adjust.tune_logit_adjustment(z, t, PRIOR.log())
+    return lambda q: q - tau * PRIOR.log()
+
+
+def test_crossfitted_gain_is_positive_for_a_real_shift_and_not_for_noise():
+    logits, y = gaussian_task(200, seed=0)  # a model trained on PRIOR: tau = 1 really helps
+    gain = adjust.crossfitted_gain(logits, y, _fit_tau, baseline=lambda q: q)
+    assert gain > 0.03
+    # Pure noise: tuning tau on val always finds an in-sample "gain"; out of fold there is
+    # none on average.
+    in_sample, out_of_fold = [], []
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        noise, y_noise = torch.randn(120, 4, generator=g), torch.arange(4).repeat(30)
+        _, tuned = adjust.tune_logit_adjustment(noise, y_noise, PRIOR.log())
+        in_sample.append(tuned - adjust.balanced_accuracy(noise, y_noise))
+        out_of_fold.append(adjust.crossfitted_gain(noise, y_noise, _fit_tau, lambda q: q))
+    assert min(in_sample) > -1e-9 and np.mean(in_sample) > 0.03
+    assert np.mean(out_of_fold) < 0.005
+    assert adjust.crossfitted_gain(noise[:5], y_noise[:5], _fit_tau, lambda q: q) is None
+
+
+@pytest.mark.parametrize("gain", [-0.01, 0.0, 0.01, None])
+def test_module_adopts_a_tuned_step_only_when_it_helps_out_of_fold(monkeypatch, gain):
+    monkeypatch.setattr(adjust, "crossfitted_gain", lambda *args, **kwargs: gain)
+    logits, y = gaussian_task(200, seed=0)
+    model = SmallModule(_info(), posthoc=["logit_adjust", "bias"])
+    report = model.fit_posthoc(logits, y)
+    assert report["crossfit_gain"] == {"logit_adjust": gain, "bias": gain}
+    adopted = gain is not None and gain > 0
+    assert (float(model.posthoc_tau) != 0) == adopted
+    assert bool(model.posthoc_bias.abs().sum() > 0) == adopted
+    unchecked = SmallModule(_info(), posthoc=["logit_adjust"], posthoc_crossfit=False)
+    report = unchecked.fit_posthoc(logits, y)
+    assert report["crossfit_gain"] == {}
+    assert report["logit_adjust_tau"] == pytest.approx(1.0, abs=0.25)
+
+
+def test_small_validation_split_is_reported(caplog):
+    model = SmallModule(_info(), posthoc=["logit_adjust"])
+    logits, y = gaussian_task(12, seed=0)
+    with caplog.at_level("WARNING"):
+        report = model.fit_posthoc(logits, y)
+    assert report["val_too_small"] and report["val_min_class_count"] == 12
+    assert "only 12 image(s) in its smallest class" in caplog.text

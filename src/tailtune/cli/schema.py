@@ -374,6 +374,7 @@ _CLASSIFIER: Table = {  # ClassifierModule's own settings, shared by every model
     "_partial_": BOOL,
     "logit_adjust_tau": Float(),
     "posthoc": _POSTHOC,
+    "posthoc_crossfit": BOOL,
     "many_threshold": Int(0),
     "few_threshold": Int(0),
     "confusion_every_n_epochs": Int(0),

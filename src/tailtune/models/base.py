@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import lightning as L
@@ -15,6 +16,7 @@ from tailtune.data.info import DatasetInfo
 from tailtune.metrics import ImbalancedClassificationMetrics, confusion_figure
 
 POSTHOC_STEPS = ("logit_adjust", "bias", "temperature")
+log = logging.getLogger(__name__)
 
 
 class ClassifierModule(L.LightningModule):
@@ -26,7 +28,10 @@ class ClassifierModule(L.LightningModule):
     Post-hoc adjustment: val/test/predict logits are ``(z - tau log prior + b) / T``. ``tau``
     starts at ``logit_adjust_tau``, ``b`` at 0 and ``T`` at 1; the steps named in ``posthoc``
     (``logit_adjust``, ``bias``, ``temperature``) are tuned on validation predictions after
-    training (:meth:`fit_posthoc`). All three are buffers, so checkpoints carry them.
+    training (:meth:`fit_posthoc`). All three are buffers, so checkpoints carry them. With
+    ``posthoc_crossfit`` (the default) a tuned tau or bias is adopted only if it also helps on
+    validation images it was not tuned on (5-fold cross-fitting on val): on small val splits
+    the full-val optimum is mostly noise.
 
     ``prior`` is the class prior the logits were *trained* under (:meth:`trained_log_prior`):
     the distribution the sampler drew in the epoch, shifted by what the loss corrects (a
@@ -65,6 +70,7 @@ class ClassifierModule(L.LightningModule):
         confusion_every_n_epochs: int = 5,
         log_figures: bool = True,
         posthoc: str | Sequence[str] | None = None,
+        posthoc_crossfit: bool = True,
     ) -> None:
         super().__init__()
         self.info = info
@@ -76,6 +82,7 @@ class ClassifierModule(L.LightningModule):
         self.log_figures = log_figures
         self.register_buffer("log_prior", self.trained_log_prior(info.class_counts))
         self.posthoc = self._posthoc_steps(posthoc)
+        self.posthoc_crossfit = posthoc_crossfit
         self.register_buffer("posthoc_tau", torch.tensor(float(logit_adjust_tau)))
         self.register_buffer("posthoc_bias", torch.zeros(info.num_classes))
         self.register_buffer("posthoc_temperature", torch.tensor(1.0))
@@ -292,12 +299,35 @@ class ClassifierModule(L.LightningModule):
         log_prior = self.log_prior.float().cpu()
         report: dict[str, Any] = {"steps": list(self.posthoc),
                                   "val_before": _calibration(self.adjust_logits(logits), targets)}
+        counts = torch.bincount(targets, minlength=self.info.num_classes)
+        report["val_min_class_count"] = smallest = int(counts.min())
+        report["val_too_small"] = smallest < adjust.MIN_VAL_PER_CLASS
+        if report["val_too_small"]:
+            log.warning("validation has only %d image(s) in its smallest class: post-hoc tuning "
+                        "on it is noisy%s", smallest, "; tuned steps are kept only where "
+                        "cross-fitting shows they help" if self.posthoc_crossfit else "")
+        gains = report["crossfit_gain"] = {}
         tau = float(self.posthoc_tau)
         if "logit_adjust" in self.posthoc:
-            tau, _ = adjust.tune_logit_adjustment(logits, targets, log_prior)
+            def fit_tau(z: Tensor, t: Tensor) -> Callable[[Tensor], Tensor]:
+                tuned, _ = adjust.tune_logit_adjustment(z, t, log_prior)
+                return lambda q: q - tuned * log_prior
+
+            untuned = tau
+            if self._adopt("logit_adjust", logits, targets, fit_tau, gains,
+                           baseline=lambda q: q - untuned * log_prior):
+                tau, _ = adjust.tune_logit_adjustment(logits, targets, log_prior)
         z = logits - tau * log_prior
-        bias = adjust.tune_class_bias(z, targets) if "bias" in self.posthoc \
-            else self.posthoc_bias.float().cpu()
+        bias = self.posthoc_bias.float().cpu()
+        if "bias" in self.posthoc:
+            def fit_bias(z: Tensor, t: Tensor) -> Callable[[Tensor], Tensor]:
+                tuned = adjust.tune_class_bias(z, t)
+                return lambda q: q + tuned
+
+            untuned_bias = bias
+            if self._adopt("bias", z, targets, fit_bias, gains,
+                           baseline=lambda q: q + untuned_bias):
+                bias = adjust.tune_class_bias(z, targets)
         z = z + bias
         temperature = adjust.fit_temperature(z, targets) if "temperature" in self.posthoc \
             else float(self.posthoc_temperature)
@@ -308,6 +338,23 @@ class ClassifierModule(L.LightningModule):
                        "temperature": temperature,
                        "val_after": _calibration(self.adjust_logits(logits), targets)})
         return report
+
+    def _adopt(self, step: str, logits: Tensor, targets: Tensor,
+               fit: Callable[[Tensor, Tensor], Callable[[Tensor], Tensor]],
+               gains: dict[str, float | None], baseline: Callable[[Tensor], Tensor]) -> bool:
+        """Whether to adopt ``step`` tuned on all of val: always, or with ``posthoc_crossfit``
+        only when its cross-fitted gain over the untuned ``baseline`` is positive."""
+        from tailtune.imbalance import adjust
+
+        if not self.posthoc_crossfit:
+            return True
+        gain = gains[step] = adjust.crossfitted_gain(logits, targets, fit, baseline)
+        if gain is not None and gain > 0:
+            return True
+        log.warning("post-hoc %s not adopted: tuned on part of val, it %s on the rest", step,
+                    "cannot be checked (a class has < 2 val images)" if gain is None
+                    else f"changes balanced accuracy by {gain:+.4f}")
+        return False
 
     # -- checkpoint contract --------------------------------------------------------------
     def checkpoint_metadata(self) -> dict[str, Any]:
