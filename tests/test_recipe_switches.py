@@ -22,10 +22,10 @@ def test_layer_decay_gives_each_block_its_own_lr_decaying_from_the_top(smoke_cfg
     model, trainer = fit(cfg, tmp_path / "run", [snaps])
     groups = trainer.optimizers[0].param_groups
     assert groups[0]["name"] == "head" and len(groups) > 3
-    blocks = [g for g in groups[1:]]
+    blocks = groups[1:]
     depths = [int(g["name"].split(".")[1]) for g in blocks]
     top = max(depths)
-    for group, depth in zip(blocks, depths):
+    for group, depth in zip(blocks, depths, strict=True):
         assert group["initial_lr"] == pytest.approx(0.01 * 0.2 * 0.5 ** (top - depth))
     # every trainable backbone parameter is in exactly one group
     grouped = [id(p) for g in blocks for p in g["params"]]
