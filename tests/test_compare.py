@@ -43,6 +43,7 @@ def _run(root: Path, name: str, overrides: list[str], status: str = "done", seed
                                                   "val": {"bal_acc": bal_acc}}))
     np.savez_compressed(run / "test_predictions.npz", targets=targets, probs=probs,
                         class_names=np.array(["a", "b", "c"]))
+    (run / "timings.json").write_text(json.dumps({"wall_s": 100.0 + 10 * seed}))
     return run
 
 
@@ -76,6 +77,9 @@ def test_markdown_lists_shared_overrides_and_a_single_run_has_no_std(sweep, caps
         table = {row["config"]: row for row in csv.DictReader(handle)}
     assert table["loss=focal"]["test_bal_acc_std"] == ""  # no spread to report, not 0
     assert float(table["loss=ce"]["test_bal_acc_std"]) > 0
+    # wall time per config, for comparisons at equal time: seeds 1, 2 took 110 s and 120 s
+    assert float(table["loss=ce"]["wall_s_mean"]) == pytest.approx(115.0)
+    assert rows["loss=ce"].rstrip(" |").endswith("115 ± 7")
     for name in ("comparison_bal_acc.png", "comparison_recall.png", "comparison_shots.png"):
         assert (sweep / name).stat().st_size > 0 and name in out
 

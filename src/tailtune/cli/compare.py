@@ -29,7 +29,7 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
     name = sweep_name(sweep_dirs)
     title = f"{name}: {len(summaries)} configs, {len(runs)} runs, sorted by test {sort_by}"
     table = Table(title=title + (f"\nall runs: {','.join(common)}" if common else ""))
-    shown = [0, 1, 2, 3, 4, 7, 8, len(agg.HEADER) - 1]  # the full set is in the CSV/Markdown
+    shown = [0, 1, 2, 3, 4, 7, 8, len(agg.HEADER) - 2, len(agg.HEADER) - 1]  # all: CSV/Markdown
     for i in shown:
         table.add_column(agg.HEADER[i], overflow="fold")
     for row in agg.table_rows(summaries):

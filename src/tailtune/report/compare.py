@@ -113,6 +113,11 @@ def summarize(runs: list[Run], n_boot: int = 1000) -> list[ConfigSummary]:
             summary.mean[name] = float(np.mean(values))
             if len(values) > 1:  # one run has no spread to show: "–", not 0
                 summary.std[name] = float(np.std(values, ddof=1))
+        walls = [r.wall_s for r in members]
+        if all(w is not None for w in walls):
+            summary.mean["wall_s"] = float(np.mean(walls))
+            if len(walls) > 1:
+                summary.std["wall_s"] = float(np.std(walls, ddof=1))
         val = [r.metrics.get("val", {}).get("bal_acc") for r in members]
         if all(v is not None for v in val):
             summary.mean["val_bal_acc"] = float(np.mean(val))
@@ -132,11 +137,11 @@ def strip_common_overrides(summaries: list[ConfigSummary]) -> list[str]:
     return common
 
 
-def _fmt(summary: ConfigSummary, name: str) -> str:
+def _fmt(summary: ConfigSummary, name: str, digits: int = 4) -> str:
     if name not in summary.mean:
         return "–"
     std = summary.std.get(name)
-    return f"{summary.mean[name]:.4f} ± " + ("–" if std is None else f"{std:.4f}")
+    return f"{summary.mean[name]:.{digits}f} ± " + ("–" if std is None else f"{std:.{digits}f}")
 
 
 COLUMNS = ("bal_acc", "macro_f1", "gmean", "acc", *SHOTS, "ece")
@@ -146,11 +151,11 @@ def table_rows(summaries: list[ConfigSummary]) -> list[list[str]]:
     rows = []
     for s in summaries:
         ci = f"[{s.ci[0]:.4f}, {s.ci[1]:.4f}]" if s.ci else "–"
-        rows.append([s.key, str(s.n), *(_fmt(s, c) for c in COLUMNS), ci])
+        rows.append([s.key, str(s.n), *(_fmt(s, c) for c in COLUMNS), ci, _fmt(s, "wall_s", 0)])
     return rows
 
 
-HEADER = ["config", "n", *(f"test {c}" for c in COLUMNS), "bal_acc 95% CI"]
+HEADER = ["config", "n", *(f"test {c}" for c in COLUMNS), "bal_acc 95% CI", "wall s"]
 
 
 def write_csv(summaries: list[ConfigSummary], path: Path) -> None:
@@ -158,12 +163,13 @@ def write_csv(summaries: list[ConfigSummary], path: Path) -> None:
         writer = csv.writer(fh)
         writer.writerow(["config", "n", "seeds",
                          *(f"test_{c}_{s}" for c in COLUMNS for s in ("mean", "std")),
-                         "bal_acc_ci_low", "bal_acc_ci_high"])
+                         "bal_acc_ci_low", "bal_acc_ci_high", "wall_s_mean", "wall_s_std"])
         for s in summaries:
             writer.writerow([
                 s.key, s.n, " ".join(r.seed for r in s.runs),
                 *(_cell(v) for c in COLUMNS for v in (s.mean.get(c), s.std.get(c))),
                 *((_cell(v) for v in s.ci) if s.ci else ("", "")),
+                _cell(s.mean.get("wall_s")), _cell(s.std.get("wall_s")),
             ])
 
 

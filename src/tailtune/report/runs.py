@@ -19,6 +19,7 @@ class Run:
     overrides: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    wall_s: float | None = None  # the run's wall time (timings.json), for equal-time comparisons
 
     @property
     def config_key(self) -> str:
@@ -83,5 +84,6 @@ def find_runs(root: Path) -> list[Run]:
             fallback = metrics_from_events(run_dir)
             metrics = {**fallback, **metrics}
         runs.append(Run(run_dir, state, _overrides(run_dir, metrics), metrics,
-                        status.get("error", "")))
+                        status.get("error", ""),
+                        _read_json(run_dir / "timings.json").get("wall_s")))
     return runs
