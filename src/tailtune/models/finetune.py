@@ -14,6 +14,12 @@ Design (it avoids the known bugs of Lightning's ``BackboneFinetuning`` and timm'
 - All schedule state derives from ``current_epoch`` and the optimizer step count, both of which
   checkpoints restore, so a run resumed before or after the boundary behaves like an
   uninterrupted one.
+
+The long-tail recipe's switches (configs/experiment/lt_recipe.yaml) live here too:
+``layer_decay`` (one param group per timm block, lrs decaying from the top), ``tune="bitfit"``
+(only the backbone's biases train), ``mix`` (a :class:`~tailtune.data.mixing.BatchMix`:
+mixup/CutMix with the mixed criterion) and ``tta_flip`` (eval logits averaged with the mirror
+image's).
 """
 
 from __future__ import annotations
