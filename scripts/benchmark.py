@@ -236,11 +236,13 @@ def recipe(root: Path, data: str, repeats: int, epochs: int) -> dict[str, Any]:
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.eval()
             for images, targets in datamodule.train_dataloader():
-                mixed, partner, lam = plain.mix(images, targets)
+                mixed, partner, lam = (plain.mix(images, targets) if plain.mix is not None
+                                       else (images, targets, 1.0))
                 logits = plain.head(plain.backbone.forward_head(
                     plain.backbone.forward_features(plain.preprocess(mixed)), pre_logits=True))
-                loss = (lam * plain.criterion(logits, targets)
-                        + (1 - lam) * plain.criterion(logits, partner))
+                loss = lam * plain.criterion(logits, targets)
+                if lam < 1:
+                    loss = loss + (1 - lam) * plain.criterion(logits, partner)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -250,7 +252,8 @@ def recipe(root: Path, data: str, repeats: int, epochs: int) -> dict[str, Any]:
             with torch.no_grad():
                 for images, targets in datamodule.val_dataloader():
                     logits = plain.head(plain.features(images))
-                    logits = (logits + plain.head(plain.features(images.flip(-1)))) / 2
+                    if plain.tta_flip:
+                        logits = (logits + plain.head(plain.features(images.flip(-1)))) / 2
                     predicted.append(logits.argmax(1))
                     seen.append(targets)
             balanced_accuracy_score(torch.cat(seen), torch.cat(predicted))
