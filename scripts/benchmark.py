@@ -105,19 +105,47 @@ class Quiet:
         sys.stderr = self.saved
 
 
+def clock(hook: str) -> Any:
+    """A Lightning callback that records ``time.perf_counter()`` at ``hook`` in ``.marks``."""
+    import lightning as L
+
+    def mark(self: Any, *args: Any) -> None:
+        self.marks.append(time.perf_counter())
+
+    callback = type("Clock", (L.Callback,), {hook: mark})()
+    callback.marks = []
+    return callback
+
+
+def gaps(marks: list[float]) -> list[float]:
+    return [b - a for a, b in zip(marks, marks[1:], strict=False)]
+
+
+def interleave(name: str, repeats: int, tailtune: Any, plain: Any, unit: str = "ms"
+               ) -> list[dict[str, float]]:
+    """Median of ``tailtune(run)`` and ``plain(run)`` (lists of times) per repeat, the two
+    interleaved in alternating order so that drifts of a shared machine hit both alike."""
+    scale = 1e3 if unit == "ms" else 1.0
+    per_repeat: list[dict[str, float]] = []
+    for run in range(repeats):
+        result: dict[str, float] = {}
+        for mode in (("lightning", "plain") if run % 2 == 0 else ("plain", "lightning")):
+            with Quiet():
+                result[mode] = statistics.median(tailtune(run) if mode == "lightning"
+                                                 else plain(run))
+        result["ratio"] = result["lightning"] / result["plain"]
+        per_repeat.append(result)
+        print(f"  {name} repeat {run + 1}/{repeats}: tailtune "
+              f"{result['lightning'] * scale:7.2f} {unit}  plain {result['plain'] * scale:7.2f} "
+              f"{unit}  ratio {result['ratio']:.3f}", flush=True)
+    return per_repeat
+
+
 # -- Lightning overhead ---------------------------------------------------------------------
 def overhead(root: Path, repeats: int, steps: int, warmup: int) -> dict[str, Any]:
-    import lightning as L
     import torch
 
     from tailtune.build import models, trainer
-
-    class StepClock(L.Callback):
-        def __init__(self) -> None:
-            self.marks: list[float] = []
-
-        def on_train_batch_end(self, *args: Any) -> None:
-            self.marks.append(time.perf_counter())
 
     n = steps + warmup + 1
     cfg = compose(["model.unfreeze_at=0", "trainer.enable_progress_bar=false",
@@ -128,13 +156,13 @@ def overhead(root: Path, repeats: int, steps: int, warmup: int) -> dict[str, Any
     plain_model = copy.deepcopy(model)  # the same weights, never touched by a Trainer
 
     def lightning_steps(run: int) -> list[float]:
-        clock = StepClock()
+        steps = clock("on_train_batch_end")
         run_dir = root / "overhead" / f"lightning{run}"
         fitter = trainer.build_trainer(
-            cfg, run_dir, [*trainer.training_callbacks(cfg, datamodule), clock],
+            cfg, run_dir, [*trainer.training_callbacks(cfg, datamodule), steps],
             trainer.build_loggers(cfg))  # TensorBoard, as a user's run
         fitter.fit(model, datamodule=datamodule)
-        return [b - a for a, b in zip(clock.marks, clock.marks[1:], strict=False)][warmup:]
+        return gaps(steps.marks)[warmup:]
 
     m = plain_model
     groups = [{"params": list(m.head.parameters()), "lr": m.lr},
@@ -143,7 +171,7 @@ def overhead(root: Path, repeats: int, steps: int, warmup: int) -> dict[str, Any
     optimizer = m.optimizer_factory(groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s: 1.0, lambda s: 1.0])
 
-    def plain_steps() -> list[float]:
+    def plain_steps(run: int) -> list[float]:
         # What FineTuneModule does once unfrozen: the backbone trains, BatchNorm keeps its
         # pretrained statistics (bn_after_unfreeze=frozen).
         m.train()
@@ -163,20 +191,9 @@ def overhead(root: Path, repeats: int, steps: int, warmup: int) -> dict[str, Any
             optimizer.step()
             scheduler.step()
             marks.append(time.perf_counter())
-        return [b - a for a, b in zip(marks, marks[1:], strict=False)][warmup:]
+        return gaps(marks)[warmup:]
 
-    per_repeat: list[dict[str, float]] = []
-    for run in range(repeats):  # interleaved, order alternating, so drifts hit both alike
-        result: dict[str, float] = {}
-        order = ("lightning", "plain") if run % 2 == 0 else ("plain", "lightning")
-        for mode in order:
-            with Quiet():
-                times = lightning_steps(run) if mode == "lightning" else plain_steps()
-            result[mode] = statistics.median(times)
-        result["ratio"] = result["lightning"] / result["plain"]
-        per_repeat.append(result)
-        print(f"  overhead repeat {run + 1}/{repeats}: lightning {result['lightning']*1e3:7.1f} ms"
-              f"  plain {result['plain']*1e3:7.1f} ms  ratio {result['ratio']:.3f}", flush=True)
+    per_repeat = interleave("overhead", repeats, lightning_steps, plain_steps)
     lightning = statistics.median(r["lightning"] for r in per_repeat)
     plain = statistics.median(r["plain"] for r in per_repeat)
     return {"repeats": repeats, "steps_per_repeat": steps, "batch_size": cfg.data.batch_size,
@@ -186,21 +203,12 @@ def overhead(root: Path, repeats: int, steps: int, warmup: int) -> dict[str, Any
             "per_repeat": per_repeat, "goal": GOALS["overhead_ratio"]}
 
 
-# -- peak memory ----------------------------------------------------------------------------
 # -- the recipe, whole epochs -------------------------------------------------------------------
 def recipe(root: Path, data: str, repeats: int, epochs: int) -> dict[str, Any]:
-    import lightning as L
     import torch
     from sklearn.metrics import balanced_accuracy_score
 
     from tailtune.build import models, trainer
-
-    class EpochClock(L.Callback):
-        def __init__(self) -> None:
-            self.marks: list[float] = []
-
-        def on_train_epoch_start(self, *args: Any) -> None:
-            self.marks.append(time.perf_counter())
 
     cfg = compose(["experiment=lt_recipe", f"data={data}", "model.unfreeze_at=0",
                    f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false",
@@ -219,13 +227,13 @@ def recipe(root: Path, data: str, repeats: int, epochs: int) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     def lightning_epochs(run: int) -> list[float]:
-        clock = EpochClock()
+        starts = clock("on_train_epoch_start")
         run_dir = root / "recipe" / f"lightning{run}"
         fitter = trainer.build_trainer(
-            cfg, run_dir, [*trainer.training_callbacks(cfg, datamodule), clock],
+            cfg, run_dir, [*trainer.training_callbacks(cfg, datamodule), starts],
             trainer.build_loggers(cfg))
         fitter.fit(copy.deepcopy(model), datamodule=datamodule)
-        return [b - a for a, b in zip(clock.marks, clock.marks[1:], strict=False)][1:]
+        return gaps(starts.marks)[1:]  # epoch 0 warms up
 
     def plain_epochs(run: int) -> list[float]:
         marks = []
@@ -260,19 +268,9 @@ def recipe(root: Path, data: str, repeats: int, epochs: int) -> dict[str, Any]:
             torch.save({"model": plain.state_dict(), "optimizer": optimizer.state_dict(),
                         "epoch": epoch}, root / "recipe" / f"plain{run}.pt")
         marks.append(time.perf_counter())
-        return [b - a for a, b in zip(marks, marks[1:], strict=False)][1:-1]
+        return gaps(marks)[1:-1]  # as the Lightning side: epochs 1 .. E-2
 
-    per_repeat: list[dict[str, float]] = []
-    for run in range(repeats):  # interleaved, order alternating
-        result: dict[str, float] = {}
-        for mode in (("lightning", "plain") if run % 2 == 0 else ("plain", "lightning")):
-            with Quiet():
-                times = lightning_epochs(run) if mode == "lightning" else plain_epochs(run)
-            result[mode] = statistics.median(times)
-        result["ratio"] = result["lightning"] / result["plain"]
-        per_repeat.append(result)
-        print(f"  recipe repeat {run + 1}/{repeats}: tailtune {result['lightning']:6.2f} s/epoch"
-              f"  plain {result['plain']:6.2f} s/epoch  ratio {result['ratio']:.3f}", flush=True)
+    per_repeat = interleave("recipe", repeats, lightning_epochs, plain_epochs, unit="s")
     lightning = statistics.median(r["lightning"] for r in per_repeat)
     plain_s = statistics.median(r["plain"] for r in per_repeat)
     return {"data": data, "repeats": repeats, "epochs": epochs,
