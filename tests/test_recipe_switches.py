@@ -12,7 +12,7 @@ from tailtune.build.models import build_experiment
 from tailtune.data.mixing import BatchMix
 from test_finetune import Snapshots, fit
 
-MIX = "+model.mix={_target_:tailtune.data.mixing.BatchMix,mixup_alpha:0.4,cutmix_alpha:1.0}"
+MIX = "model.mix={_target_:tailtune.data.mixing.BatchMix,mixup_alpha:0.4,cutmix_alpha:1.0}"
 
 
 def test_layer_decay_gives_each_block_its_own_lr_decaying_from_the_top(smoke_cfg, tmp_path):
@@ -99,3 +99,28 @@ def test_tta_flip_averages_the_mirror_image_at_eval_only(smoke_cfg):
     model.train()
     torch.manual_seed(0)
     assert not torch.allclose(F.softmax(model(x), 1), F.softmax((plain + mirrored) / 2, 1))
+
+
+def test_recipe_preset_trains_and_its_checkpoint_evaluates_the_same(smoke_cfg, tmp_path):
+    """experiment=lt_recipe with every switch on: the run's test metrics match scikit-learn,
+    and tailtune-eval of its checkpoint (test-time flip, temperature, layer-decay groups and
+    mixer rebuilt from the stored config) reproduces them."""
+    import json
+    from pathlib import Path
+
+    from helpers import assert_test_metrics_match_sklearn, compose_config
+    from tailtune.cli.evaluate import evaluate
+    from tailtune.cli.train import train
+
+    cfg, choices = smoke_cfg("experiment=lt_recipe", MIX, "model.layer_decay=0.8",
+                             "model.tune=bitfit")
+    train(cfg, choices)
+    run_dir = Path(cfg.paths.output_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert_test_metrics_match_sklearn(run_dir, metrics)
+    assert metrics["posthoc"]["steps"] == ["temperature"]
+    best = run_dir / "checkpoints" / "best.ckpt"
+    eval_cfg, _ = compose_config("eval", [f"ckpt_path={best}", "debug=smoke"], tmp_path / "ev")
+    results = evaluate(eval_cfg)
+    for key, value in metrics["test"].items():
+        assert results["test"][key] == pytest.approx(value, abs=1e-6), key
