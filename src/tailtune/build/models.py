@@ -99,8 +99,9 @@ def _channels_last(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
 
 def apply_speedups(model: ClassifierModule, node: DictConfig) -> ClassifierModule:
     """The model's speed switches, in this one place: ``model.channels_last`` (NHWC weights and
-    inputs: faster convolutions under bf16 on tensor cores, and with oneDNN on CPU) and ``model.compile``
-    (``torch.compile`` of the module's forward with ``model.compile_backend``). Neither
+    inputs: faster convolutions under bf16 on tensor cores, and with oneDNN on CPU) and
+    ``model.compile`` (``torch.compile`` of the module's forward with
+    ``model.compile_backend``). Neither
     changes parameter names, so checkpoints are the same with and without them."""
     if node.get("channels_last"):
         model.to(memory_format=torch.channels_last)
