@@ -302,7 +302,7 @@ class ClassifierModule(L.LightningModule):
         counts = torch.bincount(targets, minlength=self.info.num_classes)
         report["val_min_class_count"] = smallest = int(counts.min())
         report["val_too_small"] = smallest < adjust.MIN_VAL_PER_CLASS
-        if report["val_too_small"]:
+        if report["val_too_small"] and {"logit_adjust", "bias"} & set(self.posthoc):
             log.warning("validation has only %d image(s) in its smallest class: post-hoc tuning "
                         "on it is noisy%s", smallest, "; tuned steps are kept only where "
                         "cross-fitting shows they help" if self.posthoc_crossfit else "")
