@@ -182,21 +182,22 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, targets = batch
-        logits = self(images)
-        loss = self.criterion(logits, targets)
-        self.check_finite(loss, batch_idx)
+        logits, loss = self.training_loss(images, targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}; "
+                "lower model.lr or check the data"
+            )
         acc = (logits.argmax(dim=1) == targets).float().mean()
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True,
                  batch_size=len(targets))
         self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=len(targets))
         return loss
 
-    def check_finite(self, loss: Tensor, batch_idx: int) -> None:
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}; "
-                "lower model.lr or check the data"
-            )
+    def training_loss(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits, loss)`` of a training batch; a model that mixes batches overrides it."""
+        logits = self(images)
+        return logits, self.criterion(logits, targets)
 
     # -- evaluation -----------------------------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -161,18 +161,14 @@ class FineTuneModule(ClassifierModule):
             logits = (logits + self.head(self.features(images.flip(-1)))) / 2
         return logits
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_loss(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         if self.mix is None:
-            return super().training_step(batch, batch_idx)
-        images, targets = batch
+            return super().training_loss(images, targets)
         mixed, partner, lam = self.mix(images, targets)
         logits = self(mixed)
         # Zhang et al.'s mixed criterion: any loss, prior-corrected ones included.
-        loss = lam * self.criterion(logits, targets) + (1 - lam) * self.criterion(logits, partner)
-        self.check_finite(loss, batch_idx)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True,
-                 batch_size=len(targets))
-        return loss
+        return logits, (lam * self.criterion(logits, targets)
+                        + (1 - lam) * self.criterion(logits, partner))
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
