@@ -29,6 +29,12 @@ class ConfigSummary:
     def n(self) -> int:
         return len(self.runs)
 
+    def add(self, name: str, values: list[float]) -> None:
+        """Mean and sample std of ``name`` over the runs; one run has no spread: "–", not 0."""
+        self.mean[name] = float(np.mean(values))
+        if len(values) > 1:
+            self.std[name] = float(np.std(values, ddof=1))
+
 
 def seed_mean_balanced_accuracy(targets: np.ndarray, correct: np.ndarray, num_classes: int
                                 ) -> Callable[..., np.ndarray]:
@@ -109,15 +115,11 @@ def summarize(runs: list[Run], n_boot: int = 1000) -> list[ConfigSummary]:
         summary = ConfigSummary(key, members)
         names = sorted({k for r in members for k in r.metrics["test"]})
         for name in names:
-            values = [r.metrics["test"][name] for r in members if name in r.metrics["test"]]
-            summary.mean[name] = float(np.mean(values))
-            if len(values) > 1:  # one run has no spread to show: "–", not 0
-                summary.std[name] = float(np.std(values, ddof=1))
+            summary.add(name, [r.metrics["test"][name] for r in members
+                               if name in r.metrics["test"]])
         walls = [r.wall_s for r in members]
         if all(w is not None for w in walls):
-            summary.mean["wall_s"] = float(np.mean(walls))
-            if len(walls) > 1:
-                summary.std["wall_s"] = float(np.std(walls, ddof=1))
+            summary.add("wall_s", walls)
         val = [r.metrics.get("val", {}).get("bal_acc") for r in members]
         if all(v is not None for v in val):
             summary.mean["val_bal_acc"] = float(np.mean(val))
