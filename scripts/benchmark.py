@@ -11,12 +11,13 @@ Scenarios and their goals:
   callbacks and logger) vs a plain PyTorch loop on a copy of the same model, the same loader
   and batch size. Steady-state step time (batch end to batch end, data loading included),
   median over interleaved repeats. Goal: <= 1.05x.
-- recipe: whole epochs of the long-tail recipe (experiment=lt_recipe: mixup/CutMix, layer-wise
-  lr decay, channels_last, test-time flip at validation) through tailtune's Trainer, callbacks,
-  checkpointing and logger vs a plain PyTorch loop doing the same work on a copy of the model
-  (the same loader, mixing, param groups and schedule, a validation pass with sklearn's
-  balanced accuracy and a torch.save of model and optimizer each epoch). Median epoch time
-  (epoch start to next epoch start, validation included), interleaved repeats. Goal: <= 1.10.
+- recipe: whole epochs of the long-tail recipe (experiment=lt_recipe: flips, channels_last,
+  test-time flip at validation; mixing and layer decay too where set) through tailtune's
+  Trainer, callbacks, checkpointing and logger vs a plain PyTorch loop doing the same work on
+  a copy of the model (the same loader, mixing, param groups and schedule, a validation pass
+  with sklearn's balanced accuracy and a torch.save of model and optimizer each epoch). Median
+  epoch time (epoch start to next epoch start, validation included), interleaved repeats.
+  Goal: <= 1.10.
 - cache: a linear probe with cached features vs the backbone run every step, whole runs,
   interleaved (scripts/benchmark_linear_probe.py's functions).
 - sweep: a 4 samplers x 5 losses linear-probe sweep on the default data with the feature
