@@ -1,15 +1,22 @@
-"""The long-tail recipe's switches: layer-wise lr decay, BitFit, mixup/CutMix, test-time flip."""
+"""The long-tail recipe's switches: layer-wise lr decay, BitFit, mixup/CutMix, test-time flip,
+the probe on cached features."""
 
 from __future__ import annotations
 
 import copy
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tailtune.build.models import build_experiment
 from tailtune.data.mixing import BatchMix
+from tailtune.features import datamodule as feature_datamodule
+from tailtune.features.cache import FeatureCache
+from tailtune.features.datamodule import unaugmented_train_features
+from tailtune.features.extractor import FeatureExtractor
+from tailtune.models.finetune import FineTuneModule
 from test_finetune import Snapshots, fit
 
 MIX = "model.mix={_target_:tailtune.data.mixing.BatchMix,mixup_alpha:0.4,cutmix_alpha:1.0}"
@@ -124,3 +131,77 @@ def test_recipe_preset_trains_and_its_checkpoint_evaluates_the_same(smoke_cfg, t
     results = evaluate(eval_cfg)
     for key, value in metrics["test"].items():
         assert results["test"][key] == pytest.approx(value, abs=1e-6), key
+
+
+class HeadAtStart(L.Callback):
+    """Head and backbone before the module's own on_fit_start (callbacks run first), and at
+    train start."""
+
+    def on_fit_start(self, trainer, pl_module):
+        self.before = copy.deepcopy(pl_module.head.state_dict())
+        self.backbone = copy.deepcopy(pl_module.backbone.state_dict())
+
+    def on_train_start(self, trainer, pl_module):
+        self.after = copy.deepcopy(pl_module.head.state_dict())
+        self.backbone_after = copy.deepcopy(pl_module.backbone.state_dict())
+
+
+PROBE = ("model.probe_epochs=20", "model.unfreeze_at=0", "transforms=flip", "model.lr=0.05",
+         "trainer.max_epochs=1")
+
+
+def test_probe_fits_the_head_on_unaugmented_features_and_leaves_the_backbone(
+        smoke_cfg, tmp_path):
+    cfg, _ = smoke_cfg(*PROBE, f"model.feature_cache_dir={tmp_path / 'features'}")
+    seen = HeadAtStart()
+    model, trainer = fit(cfg, tmp_path / "run", [seen])
+    assert not all(torch.equal(seen.before[k], seen.after[k]) for k in seen.before)
+    assert all(torch.equal(seen.backbone[k], v) for k, v in seen.backbone_after.items())
+    assert all(p.requires_grad for p in model.backbone.parameters())  # given back
+    # The cached rows are the un-flipped training images' features under the pretrained
+    # backbone, in split order (the fit has changed the backbone since: rebuild it).
+    dm = trainer.datamodule
+    pretrained = copy.deepcopy(model.backbone)
+    pretrained.load_state_dict(seen.backbone)
+    extractor = FeatureExtractor(pretrained, model.preprocess, model.backbone_identity)
+    cached, labels, hit = unaugmented_train_features(dm, extractor,
+                                                     FeatureCache(tmp_path / "features"))
+    assert hit and dm.train_transform is not None
+    plain = copy.copy(dm.datasets["train"])
+    plain.transform = None
+    images = torch.stack([plain[i][0] for i in range(len(plain))])
+    torch.testing.assert_close(cached, extractor(images))
+    assert labels.tolist() == [plain[i][1] for i in range(len(plain))]
+    # The probe lowered the training loss on those features.
+    head = copy.deepcopy(model.head)
+    losses = []
+    for state in (seen.before, seen.after):
+        head.load_state_dict(state)
+        losses.append(float(model.criterion(head(cached), labels)))
+    assert losses[1] < 0.8 * losses[0]
+
+
+def test_probe_reads_the_cache_in_a_second_run_and_a_resumed_run_skips_it(
+        smoke_cfg, tmp_path, monkeypatch):
+    cache = f"model.feature_cache_dir={tmp_path / 'features'}"
+    cfg, _ = smoke_cfg(*PROBE, cache, "trainer.max_epochs=2", name="first")
+    fit(cfg, tmp_path / "first")
+    assert len(list((tmp_path / "features").glob("*.feat"))) == 1
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("the cached features were extracted again")
+
+    monkeypatch.setattr(feature_datamodule, "extract_features", no_extraction)
+    cfg2, _ = smoke_cfg(*PROBE, cache, "trainer.max_epochs=2", name="second")
+    seen = HeadAtStart()
+    fit(cfg2, tmp_path / "second", [seen])  # a cache hit: no extraction
+    assert not all(torch.equal(seen.before[k], seen.after[k]) for k in seen.before)
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("a resumed run fitted the probe again")
+
+    monkeypatch.setattr(FineTuneModule, "fit_head_on_features", no_probe)
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    cfg3, _ = smoke_cfg(*PROBE, cache, "trainer.max_epochs=3", name="first")
+    _, trainer = fit(cfg3, tmp_path / "first", ckpt_path=str(last))
+    assert trainer.current_epoch == 3

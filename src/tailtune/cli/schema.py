@@ -408,6 +408,8 @@ MODEL: dict[str, Table] = {
         "tune": choice("full", "bitfit"),
         "layer_decay": Float(0, 1, lo_open=True),
         "tta_flip": BOOL,
+        "probe_epochs": Int(0),
+        "feature_cache_dir": Text(null=True),
         "mix": OPEN,  # null, or a tailtune.data.mixing.BatchMix node
         "mix._target_": TEXT,
         "mix.mixup_alpha": Float(0),

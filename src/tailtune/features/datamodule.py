@@ -18,6 +18,7 @@ verified entries and read them.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -114,6 +115,31 @@ def extract_features(dataset: Dataset, extractor: FeatureExtractor, batch_size: 
         return torch.empty(0, extractor.num_features, dtype=extractor.feature_dtype), \
             torch.empty(0, dtype=torch.long)
     return torch.cat(features), torch.cat(labels)
+
+
+def unaugmented_train_features(
+    images: ImbalancedDataModule, extractor: FeatureExtractor, cache: FeatureCache | None,
+    batch_size: int = 256, device: str | torch.device = "cpu",
+) -> tuple[Tensor, Tensor, bool]:
+    """``(features, labels, cache_hit)`` of the training split's images *without* their
+    augmentation, in split order: what a fine-tune's head sees while the backbone is frozen,
+    minus the random flips and crops. Without augmentation the key is the one
+    :class:`FeatureDataModule` uses for the split, so linear probes share the entry."""
+    dataset = copy.copy(images.datasets["train"])
+    dataset.transform = None
+    transform = transform_identity(images)
+    transform["transform"] = str(transform["transform"]).split("+train:")[0]
+    parts = {"extractor": extractor.identity(), "dataset": dataset_identity(images),
+             "transform": transform, "indices": indices_sha256(images.split_indices["train"])}
+
+    def create() -> tuple[Tensor, Tensor]:
+        return extract_features(dataset, extractor, batch_size, device, images.num_workers,
+                                description="extracting train features")
+
+    if cache is None:
+        return (*create(), False)
+    entry, hit = cache.get_or_create(cache_key(parts), create, {"split": "train", "parts": parts})
+    return entry.features, entry.labels, hit
 
 
 class FeatureDataModule(L.LightningDataModule):

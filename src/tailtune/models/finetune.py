@@ -18,12 +18,16 @@ Design (it avoids the known bugs of Lightning's ``BackboneFinetuning`` and timm'
 The long-tail recipe's switches (configs/experiment/lt_recipe.yaml) live here too:
 ``layer_decay`` (one param group per timm block, lrs decaying from the top), ``tune="bitfit"``
 (only the backbone's biases train), ``mix`` (a :class:`~tailtune.data.mixing.BatchMix`:
-mixup/CutMix with the mixed criterion) and ``tta_flip`` (eval logits averaged with the mirror
-image's).
+mixup/CutMix with the mixed criterion), ``tta_flip`` (eval logits averaged with the mirror
+image's) and ``probe_epochs`` (LP-FT's linear probe, fitted on cached features before the
+first epoch instead of in image epochs with a frozen backbone).
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -35,9 +39,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tailtune.backbones import Preprocess
 from tailtune.data.info import DatasetInfo
 from tailtune.data.mixing import BatchMix
+from tailtune.features.cache import FeatureCache
+from tailtune.features.datamodule import unaugmented_train_features
+from tailtune.features.extractor import FeatureExtractor
 from tailtune.models.base import ClassifierModule
 from tailtune.models.heads import build_head
 from tailtune.models.schedules import WarmupCosine
+
+log = logging.getLogger(__name__)
 
 BN_MODES = ("frozen", "train")
 TUNE_MODES = ("full", "bitfit")
@@ -66,6 +75,8 @@ class FineTuneModule(ClassifierModule):
         head_dropout: float = 0.0,
         mix: BatchMix | None = None,
         tta_flip: bool = False,
+        probe_epochs: int = 0,
+        feature_cache_dir: str | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: Any = None,
         **base_kwargs: Any,
@@ -84,6 +95,8 @@ class FineTuneModule(ClassifierModule):
             raise ValueError(f"unknown model.tune '{tune}'; valid: {', '.join(TUNE_MODES)}")
         if not 0 < layer_decay <= 1:
             raise ValueError(f"model.layer_decay must be in (0, 1], got {layer_decay}")
+        if probe_epochs < 0:
+            raise ValueError(f"model.probe_epochs must be >= 0, got {probe_epochs}")
         self.backbone = backbone
         self.preprocess = preprocess
         self.backbone_identity = dict(backbone_identity or {})
@@ -100,6 +113,8 @@ class FineTuneModule(ClassifierModule):
         self.layer_decay = layer_decay
         self.mix = mix
         self.tta_flip = tta_flip
+        self.probe_epochs = probe_epochs
+        self.feature_cache_dir = feature_cache_dir
         self.optimizer_factory = optimizer or (lambda groups: torch.optim.AdamW(groups))
         self.schedule = scheduler if scheduler is not None else WarmupCosine()
         self.trainable_prefixes = self._select_stages(train_stages)
@@ -173,6 +188,51 @@ class FineTuneModule(ClassifierModule):
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self.train()  # the BatchNorm/dropout mode depends on the epoch
+
+    # -- the head on cached features (LP-FT's probe) ---------------------------------------
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        # A resumed run restores the probed head with the rest of the weights.
+        if self.probe_epochs and self.trainer.ckpt_path is None:
+            self.fit_head_on_features(self.trainer.datamodule)
+
+    def fit_head_on_features(self, datamodule: Any) -> None:
+        """Fit the head for ``probe_epochs`` on the frozen backbone's features of the
+        un-augmented training images: LP-FT's linear probe (Kumar et al., ICLR 2022), run to
+        convergence for about the cost of one forward pass. The features come from the feature
+        cache when ``feature_cache_dir`` is set, so the other seeds and configs of a sweep on
+        the same backbone, data and resolution skip even that pass. Batches follow the
+        datamodule's training sampler, so the loss sees the class mix it is corrected for."""
+        started = time.perf_counter()
+        trainable = [p.requires_grad for p in self.backbone.parameters()]
+        try:  # the extractor freezes the backbone's parameters: give them back afterwards
+            extractor = FeatureExtractor(self.backbone, self.preprocess, self.backbone_identity)
+            cache = FeatureCache(self.feature_cache_dir) if self.feature_cache_dir else None
+            features, labels, hit = unaugmented_train_features(
+                datamodule, extractor, cache, datamodule.eval_batch_size, self.device)
+        finally:
+            for param, flag in zip(self.backbone.parameters(), trainable, strict=True):
+                param.requires_grad_(flag)
+        features, labels = features.to(self.device).float(), labels.to(self.device)
+        sampler, batch_size = datamodule.train_sampler, datamodule.batch_size
+        steps = self.probe_epochs * math.ceil(len(sampler) / batch_size)
+        optimizer = self.optimizer_factory([{"params": list(self.head.parameters()),
+                                             "lr": self.lr}])
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
+        self.head.train()
+        for epoch in range(self.probe_epochs):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            for rows in torch.as_tensor(list(iter(sampler))).split(batch_size):
+                rows = rows.to(self.device)
+                loss = self.criterion(self.head(features[rows]), labels[rows])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+        log.info("head fitted on %s train features for %d epochs in %.1f s (last loss %.3f)",
+                 "cached" if hit else "extracted", self.probe_epochs,
+                 time.perf_counter() - started, loss.item())
 
     # -- optimisation ----------------------------------------------------------------------
     def backbone_param_groups(self) -> list[dict[str, Any]]:
