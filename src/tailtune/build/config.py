@@ -124,9 +124,13 @@ BUILD_KEYS = ("features", "channels_last", "compile", "compile_backend")
 
 
 def module_config(node: DictConfig) -> DictConfig:
-    """The model node without :data:`BUILD_KEYS`."""
+    """The model node without :data:`BUILD_KEYS`, its interpolations resolved (a detached
+    copy could not reach ``paths`` or other groups any more)."""
     keys = [k for k in node if k not in BUILD_KEYS]
-    return node if len(keys) == len(node) else OmegaConf.masked_copy(node, keys)
+    if len(keys) == len(node):
+        return node
+    resolved = OmegaConf.to_container(node, resolve=True)
+    return OmegaConf.create({k: resolved[k] for k in keys})
 
 
 def call_factory(factory: Any, node: Any, group: str, **kwargs: Any) -> Any:
