@@ -167,6 +167,20 @@ def test_finetune_run_tunes_posthoc_on_val_and_its_checkpoint_carries_it(smoke_c
     expected = ((raw - model.posthoc_tau * model.log_prior + model.posthoc_bias)
                 / model.posthoc_temperature).softmax(1)
     assert torch.allclose(model.predict_images(images), expected, atol=1e-6)
+    # posthoc.before.test is scored from the final test pass's raw logits (one pass, not
+    # two): a real test pass of the untuned model over the same batches gives the same numbers.
+    from tailtune.build.models import build_experiment
+    from tailtune.build.trainer import build_trainer
+
+    datamodule, _ = build_experiment(cfg)
+    with torch.no_grad():
+        model.posthoc_tau.zero_()
+        model.posthoc_bias.zero_()
+        model.posthoc_temperature.fill_(1.0)
+    tester = build_trainer(cfg, run_dir / "untuned", [], loggers=[])
+    tester.test(model, datamodule=datamodule, verbose=False)
+    for key in ("bal_acc", "ece", "auroc", "macro_f1"):
+        assert model.test_results[key] == pytest.approx(report["before"]["test"][key], abs=1e-6)
 
 
 def _fit_tau(z, t):

@@ -36,12 +36,8 @@ def final_metrics(trainer: L.Trainer, model: ClassifierModule, datamodule: L.Lig
     }
     if model.posthoc_steps:
         before = {"val": dict(model.val_results)}
+        untuned = model.posthoc_adjustment()
         logits, targets = model.take_val_outputs()
-        if test:
-            model.test_stage = "test_before_posthoc"
-            trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
-            before["test"] = dict(model.test_results)
-            model.test_stage = "test"
         metrics["posthoc"] = {**model.fit_posthoc(logits, targets), "before": before}
         if best:
             trainer.save_checkpoint(best)
@@ -50,6 +46,8 @@ def final_metrics(trainer: L.Trainer, model: ClassifierModule, datamodule: L.Lig
     if test:
         trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
         metrics["test"] = dict(model.test_results)
+        if model.posthoc_steps:  # the same pass's logits, untuned: one test pass, not two
+            metrics["posthoc"]["before"]["test"] = model.rescore_test(untuned)
     metrics["best_checkpoint"] = publish_best_checkpoint(trainer, best)
     return metrics
 

@@ -88,7 +88,6 @@ class ClassifierModule(L.LightningModule):
         self.register_buffer("posthoc_temperature", torch.tensor(1.0))
         # Checkpoints from before these buffers existed load with their defaults.
         self.register_load_state_dict_pre_hook(_default_posthoc_state)
-        self.test_stage = "test"  # the log prefix of test metrics
         self._val_outputs: list[tuple[Tensor, Tensor]] | None = None
         self.val_metrics = self._metrics()
         self.test_metrics = self._metrics()
@@ -96,7 +95,8 @@ class ClassifierModule(L.LightningModule):
         self.test_results: dict[str, float] = {}
         self.test_confusion: Tensor | None = None
         self.test_predictions: tuple[Tensor, Tensor] | None = None
-        self._test_outputs: list[tuple[Tensor, Tensor]] = []
+        self.test_raw_logits: Tensor | None = None
+        self._test_outputs: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def _metrics(self) -> ImbalancedClassificationMetrics:
         return ImbalancedClassificationMetrics(
@@ -212,12 +212,14 @@ class ClassifierModule(L.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, targets = batch
-        logits = self.eval_logits(images).float()
+        raw = self(images).float()
+        logits = self.adjust_logits(raw)
         self.test_metrics.update(logits, targets)
-        self._test_outputs.append((targets.cpu(), logits.softmax(dim=1).cpu()))
+        # The raw logits too: rescore_test scores them under another adjustment.
+        self._test_outputs.append((targets.cpu(), logits.softmax(dim=1).cpu(), raw.cpu()))
 
     def on_test_epoch_start(self) -> None:
-        self._test_outputs: list[tuple[Tensor, Tensor]] = []
+        self._test_outputs: list[tuple[Tensor, Tensor, Tensor]] = []
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:  # sanity batches must not leak into epoch 0
@@ -235,25 +237,33 @@ class ClassifierModule(L.LightningModule):
         self.test_results = self.test_metrics.compute()
         self.test_confusion = self.test_metrics.confusion_matrix().cpu()
         self.test_predictions = self._gather_predictions()
-        self.log_dict({f"{self.test_stage}/{k}": v for k, v in self.test_results.items()})
-        self._log_confusion(self.test_stage, self.test_confusion)
+        self.log_dict({f"test/{k}": v for k, v in self.test_results.items()})
+        self._log_confusion("test", self.test_confusion)
         self.test_metrics.reset()
 
     def _gather_predictions(self) -> tuple[Tensor, Tensor]:
         """Per-sample (targets, probabilities) of the whole test set, for bootstrap CIs;
         gathered as objects because unpadded DDP shards differ in length."""
-        targets = torch.cat([t for t, _ in self._test_outputs]) if self._test_outputs else None
-        probs = torch.cat([p for _, p in self._test_outputs]) if self._test_outputs else None
+        outputs = self._test_outputs
+        columns = [torch.cat(c) for c in zip(*outputs, strict=True)] if outputs else [None] * 3
         if self.trainer.world_size > 1:
             import torch.distributed as dist
 
             shards: list = [None] * self.trainer.world_size
-            dist.all_gather_object(shards, (targets, probs))
+            dist.all_gather_object(shards, tuple(columns))
             shards = [s for s in shards if s[0] is not None]
-            targets = torch.cat([t for t, _ in shards])
-            probs = torch.cat([p for _, p in shards])
+            columns = [torch.cat(c) for c in zip(*shards, strict=True)]
         self._test_outputs = []
+        targets, probs, self.test_raw_logits = columns
         return targets, probs
+
+    def rescore_test(self, adjustment: tuple[Tensor, Tensor, Tensor]) -> dict[str, float]:
+        """Test metrics of the last test pass's raw logits under another post-hoc
+        ``adjustment`` (:meth:`posthoc_adjustment`), without a second pass over the images."""
+        targets, _ = self.test_predictions
+        metrics = self._metrics()
+        metrics.update(self.adjust_logits(self.test_raw_logits, adjustment).float(), targets)
+        return metrics.compute()
 
     def _log_confusion(self, stage: str, matrix: Tensor) -> None:
         if not self.log_figures or self.trainer.global_rank != 0:
