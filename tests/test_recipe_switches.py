@@ -181,6 +181,7 @@ def test_probe_fits_the_head_on_unaugmented_features_and_leaves_the_backbone(
     assert losses[1] < 0.8 * losses[0]
 
 
+@pytest.mark.slow  # three fits
 def test_probe_reads_the_cache_in_a_second_run_and_a_resumed_run_skips_it(
         smoke_cfg, tmp_path, monkeypatch):
     cache = f"model.feature_cache_dir={tmp_path / 'features'}"
