@@ -315,13 +315,15 @@ class ImbalancedDataModule(L.LightningDataModule):
                                          transform(split))
                 for split, idx in self.split_indices.items()}
 
-    def transform_identity(self) -> str:
+    def transform_identity(self, augmented: bool = True) -> str:
         """How images become tensors (feature caches key on it): torch's antialiased
-        bilinear resize of decoded arrays, or PIL's decoding of files, plus any augmentation."""
+        bilinear resize of decoded arrays, or PIL's decoding of files, plus any augmentation
+        (``augmented=False``: the training images without it)."""
         files = self.decoded != "in memory"
         identity = f"pil-{self.resize}-bilinear-v{DECODE_VERSION}" if files \
             else "uint8-resize-bilinear-antialias"
-        return identity + (f"+train:{self.train_transform!r}" if self.train_transform else "")
+        augmentation = self.train_transform if augmented else None
+        return identity + (f"+train:{augmentation!r}" if augmentation else "")
 
     @property
     def info(self) -> DatasetInfo:

@@ -79,15 +79,16 @@ def dataset_identity(images: ImbalancedDataModule) -> dict[str, Any]:
     return identity
 
 
-def transform_identity(images: ImbalancedDataModule) -> dict[str, Any]:
+def transform_identity(images: ImbalancedDataModule, augmented: bool = True) -> dict[str, Any]:
     """The image pipeline in front of the extractor: the datamodule's resize, plus whatever a
-    datamodule with transforms declares through a ``transform_identity()`` hook."""
+    datamodule with transforms declares through a ``transform_identity()`` hook
+    (``augmented=False``: without the training augmentation)."""
     hook = getattr(images, "transform_identity", None)
     return {
         "datamodule": f"{type(images).__module__}.{type(images).__qualname__}",
         "image_size": int(images.image_size),
         "resize": getattr(images, "resize", None),
-        "transform": hook() if callable(hook) else "uint8-resize-bilinear-antialias",
+        "transform": hook(augmented) if callable(hook) else "uint8-resize-bilinear-antialias",
     }
 
 
@@ -127,10 +128,9 @@ def unaugmented_train_features(
     :class:`FeatureDataModule` uses for the split, so linear probes share the entry."""
     dataset = copy.copy(images.datasets["train"])
     dataset.transform = None
-    transform = transform_identity(images)
-    transform["transform"] = str(transform["transform"]).split("+train:")[0]
     parts = {"extractor": extractor.identity(), "dataset": dataset_identity(images),
-             "transform": transform, "indices": indices_sha256(images.split_indices["train"])}
+             "transform": transform_identity(images, augmented=False),
+             "indices": indices_sha256(images.split_indices["train"])}
 
     def create() -> tuple[Tensor, Tensor]:
         return extract_features(dataset, extractor, batch_size, device, images.num_workers,
