@@ -257,13 +257,17 @@ class ClassifierModule(L.LightningModule):
         targets, probs, self.test_raw_logits = columns
         return targets, probs
 
+    def score(self, logits: Tensor, targets: Tensor) -> dict[str, float]:
+        """The metrics of whole-split ``logits``, outside a loop (fresh metric state)."""
+        metrics = self._metrics()
+        metrics.update(logits.float(), targets)
+        return metrics.compute()
+
     def rescore_test(self, adjustment: tuple[Tensor, Tensor, Tensor]) -> dict[str, float]:
         """Test metrics of the last test pass's raw logits under another post-hoc
         ``adjustment`` (:meth:`posthoc_adjustment`), without a second pass over the images."""
         targets, _ = self.test_predictions
-        metrics = self._metrics()
-        metrics.update(self.adjust_logits(self.test_raw_logits, adjustment).float(), targets)
-        return metrics.compute()
+        return self.score(self.adjust_logits(self.test_raw_logits, adjustment), targets)
 
     def _log_confusion(self, stage: str, matrix: Tensor) -> None:
         if not self.log_figures or self.trainer.global_rank != 0:

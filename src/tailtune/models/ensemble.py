@@ -211,16 +211,11 @@ class EnsembleModule(ClassifierModule):
         logits = [torch.cat([z[i] for z, _ in outputs]) for i in range(len(self.members))]
         return logits, torch.cat([t for _, t in outputs])
 
-    def _scored(self, logits: Tensor, targets: Tensor) -> dict[str, float]:
-        metrics = self._metrics()
-        metrics.update(logits.float(), targets)
-        return metrics.compute()
-
     def _log_split(self, split: str, members: Sequence[Tensor], targets: Tensor) -> None:
         values = {f"{split}/{key}": value for key, value in
                   (self.val_results if split == "val" else self.test_results).items()}
         for name, logits in zip(self.member_names, members, strict=True):
-            scores = self._report["members"][name][split] = self._scored(logits, targets)
+            scores = self._report["members"][name][split] = self.score(logits, targets)
             values.update({f"member/{name}/{split}/{key}": value for key, value in scores.items()
                            if key in self.REPORTED or key.startswith("recall/")})
         self.log_dict(values)
@@ -236,10 +231,10 @@ class EnsembleModule(ClassifierModule):
             raw = self.combiner.combine_val(logits)
         if self.posthoc_steps:
             self._before_posthoc = self.posthoc_adjustment()
-            before = self._scored(self.adjust_logits(raw), targets)
+            before = self.score(self.adjust_logits(raw), targets)
             self._report["posthoc"] = {**self.fit_posthoc(raw, targets),
                                        "before": {"val": before}}
-        self.val_results = self._scored(self.adjust_logits(raw), targets)
+        self.val_results = self.score(self.adjust_logits(raw), targets)
         self._log_split("val", logits, targets)
         return None
 
@@ -249,10 +244,10 @@ class EnsembleModule(ClassifierModule):
         logits, targets = self._take("test")
         raw = self.combiner.combine(logits)
         if self._before_posthoc is not None:
-            self._report["posthoc"]["before"]["test"] = self._scored(
+            self._report["posthoc"]["before"]["test"] = self.score(
                 self.adjust_logits(raw, self._before_posthoc), targets)
         scores = self.adjust_logits(raw)
-        self.test_results = self._scored(scores, targets)
+        self.test_results = self.score(scores, targets)
         probs = scores.softmax(dim=1)
         k = self.info.num_classes
         self.test_confusion = torch.bincount(targets * k + probs.argmax(dim=1),
