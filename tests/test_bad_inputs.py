@@ -370,6 +370,10 @@ BAD_CONFIG = [
                  "model.init_from=", id="decoupled-from-a-txt-file"),
     pytest.param("predict", ["ckpt_path={fake}", "input={tmp}", "batch_size=0"],
                  "batch_size must be >= 1, got 0", id="predict-batch-size-0"),
+    pytest.param("eval", ["ckpt_path={txt}", "threads=0"],
+                 "threads must be >= 1 or null (torch's default), got 0", id="eval-threads-0"),
+    pytest.param("predict", ["ckpt_path={fake}", "input={tmp}", "threads=0"],
+                 "threads must be >= 1 or null (torch's default), got 0", id="predict-threads-0"),
 ]
 
 

@@ -87,9 +87,14 @@ def test_predict_on_held_out_photos_agrees_with_eval(smoke_cfg, tmp_path):
     for i in range(len(test_set)):
         assert torch.equal(test_set[i][0], as_predicted[i][0])
 
-    eval_cfg, _ = compose_config("eval", [f"ckpt_path={best}", "debug=smoke",
+    eval_cfg, _ = compose_config("eval", [f"ckpt_path={best}", "debug=smoke", "threads=1",
                                           "trainer.limit_test_batches=null"], tmp_path / "ev")
-    results = evaluate(eval_cfg)
+    threads = torch.get_num_threads()
+    try:
+        results = evaluate(eval_cfg)
+        assert torch.get_num_threads() == 1  # eval, like train, runs beside other jobs
+    finally:
+        torch.set_num_threads(threads)
 
     held_out = tmp_path / "held_out"
     shutil.copytree(root / "test", held_out)
@@ -98,7 +103,7 @@ def test_predict_on_held_out_photos_agrees_with_eval(smoke_cfg, tmp_path):
     (held_out / ".DS_Store").write_bytes(b"\0")
     output = tmp_path / "out" / "predictions.csv"
     result = run_cli("tailtune-predict", f"ckpt_path={best}", f"input={held_out}",
-                     f"output={output}", "batch_size=4", cwd=tmp_path)
+                     f"output={output}", "batch_size=4", "threads=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = _read_rows(output)
     assert len(rows) == 11 + 2  # the 11 test photos and the 2 unreadable files; no .DS_Store

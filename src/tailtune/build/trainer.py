@@ -139,6 +139,12 @@ _DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE
 _DDP_ENV_AT_START = {key: os.environ.get(key) for key in _DDP_ENV}
 
 
+def set_threads(cfg: DictConfig) -> None:
+    """torch threads for this process (``threads``; null keeps torch's default)."""
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+
+
 def reset_process_state(cfg: DictConfig) -> None:
     """State that leaks from one job of a sweep into the next one run in the same process
     (the basic launcher, joblib's reused workers): threads, the process group, DDP env."""
@@ -147,8 +153,7 @@ def reset_process_state(cfg: DictConfig) -> None:
             os.environ.pop(key, None)  # else the next DDP job thinks its ranks already exist
         else:
             os.environ[key] = value
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+    set_threads(cfg)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Lightning leaves the previous job's process group up; a new DDP job would reuse it
         # and talk to ranks that have exited.

@@ -290,6 +290,7 @@ def optimized_metric_problem(name: Any) -> str | None:
 # -- the tables ---------------------------------------------------------------------------------
 Table = Mapping[str, Spec]
 
+THREADS = Int(1, null=True, null_means="torch's default")
 TRAIN: Table = {
     "task_name": TEXT,
     "seed": SEED,
@@ -298,7 +299,7 @@ TRAIN: Table = {
     "test": BOOL,
     "resume": choice("auto", "never", null=True, null_means="never resume"),
     "requeue_signal": Text(null=True),
-    "threads": Int(1, null=True, null_means="torch's default"),
+    "threads": THREADS,
     "correct_prior_for_sampler": BOOL,
     "subsample": Int(1, null=True, null_means="all images"),  # debug=smoke: 64
 }
@@ -306,6 +307,7 @@ EVAL: Table = {
     "task_name": TEXT,
     "ckpt_path": Text(null=True),  # required unless model=ensemble model.checkpoints=[...]
     "split": choice("test", "val"),
+    "threads": THREADS,
     "subsample": Int(1, null=True, null_means="the checkpoint's own"),  # set by debug=smoke
 }
 PREDICT: Table = {
@@ -316,6 +318,7 @@ PREDICT: Table = {
     "batch_size": Int(1),
     "num_workers": Int(0),
     "device": DEVICE,
+    "threads": THREADS,
 }
 TOP: dict[str, Table] = {"train": TRAIN, "eval": EVAL, "predict": PREDICT}
 # Required or not depending on other keys, checked there (config._cross_key_problems):
