@@ -84,6 +84,25 @@ def test_markdown_lists_shared_overrides_and_a_single_run_has_no_std(sweep, caps
         assert (sweep / name).stat().st_size > 0 and name in out
 
 
+def test_console_table_keeps_numbers_and_overrides_whole(tmp_path, capsys):
+    """Long override names (a recipe with five switches) once folded every cell mid-number in
+    a log file; each override and each mean ± std must read on one line."""
+    root = tmp_path / "long"
+    recipe = ["experiment=lt_recipe", "loss.label_smoothing=0", "model.probe_epochs=10",
+              "model.unfreeze_at=0", "trainer.max_epochs=4"]
+    for seed in (1, 2):
+        _run(root, f"{seed}_r", [*SHARED, *recipe, f"seed={seed}"], seed=seed)
+        _run(root, f"{seed}_p", [*SHARED, "experiment=lt_plain", f"seed={seed}"], seed=seed + 5)
+    compare_main([str(root), "--bootstrap", "100"])
+    lines = capsys.readouterr().out.splitlines()
+    for override in [*recipe, "experiment=lt_plain"]:
+        assert any(override in line for line in lines), override
+    with open(root / "comparison.csv", newline="") as handle:
+        means = [f"{float(row['test_bal_acc_mean']):.4f}" for row in csv.DictReader(handle)]
+    for mean in means:
+        assert any(f"{mean} ± " in line for line in lines), mean
+
+
 def test_only_failed_runs_write_no_plots_and_say_so(tmp_path, capsys):
     root = tmp_path / "broken"
     _run(root, "0_aa", ["loss=ce"], status="failed", error="RuntimeError: NaN loss")

@@ -28,13 +28,18 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
 
     name = sweep_name(sweep_dirs)
     title = f"{name}: {len(summaries)} configs, {len(runs)} runs, sorted by test {sort_by}"
-    table = Table(title=title + (f"\nall runs: {','.join(common)}" if common else ""))
+    table = Table(title=title + (f"\nall runs: {','.join(common)}" if common else ""),
+                  show_lines=True)
     shown = [0, 1, 2, 3, 4, 7, 8, len(agg.HEADER) - 2, len(agg.HEADER) - 1]  # all: CSV/Markdown
     for i in shown:
-        table.add_column(agg.HEADER[i], overflow="fold")
+        # Numbers never break; a config is one override per line, so names wrap between
+        # overrides instead of mid-word.
+        table.add_column(agg.HEADER[i], overflow="fold", no_wrap=i > 0)
     for row in agg.table_rows(summaries):
-        table.add_row(*(row[i] for i in shown))
+        table.add_row(row[0].replace(",", "\n"), *(row[i] for i in shown[1:]))
     console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 160)  # a log or a pipe: no need to fold at 80
     console.print(table)
     for run in unfinished:
         reason = f": {run.error}" if run.error else ""
