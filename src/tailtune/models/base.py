@@ -96,7 +96,7 @@ class ClassifierModule(L.LightningModule):
         self.test_confusion: Tensor | None = None
         self.test_predictions: tuple[Tensor, Tensor] | None = None
         self.test_raw_logits: Tensor | None = None
-        self._test_outputs: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._test_outputs: list[tuple[Tensor, Tensor]] = []
 
     def _metrics(self) -> ImbalancedClassificationMetrics:
         return ImbalancedClassificationMetrics(
@@ -215,11 +215,12 @@ class ClassifierModule(L.LightningModule):
         raw = self(images).float()
         logits = self.adjust_logits(raw)
         self.test_metrics.update(logits, targets)
-        # The raw logits too: rescore_test scores them under another adjustment.
-        self._test_outputs.append((targets.cpu(), logits.softmax(dim=1).cpu(), raw.cpu()))
+        # Raw logits: the probabilities derive from them, and rescore_test scores them under
+        # another adjustment.
+        self._test_outputs.append((targets.cpu(), raw.cpu()))
 
     def on_test_epoch_start(self) -> None:
-        self._test_outputs: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._test_outputs: list[tuple[Tensor, Tensor]] = []
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:  # sanity batches must not leak into epoch 0
@@ -241,11 +242,11 @@ class ClassifierModule(L.LightningModule):
         self._log_confusion("test", self.test_confusion)
         self.test_metrics.reset()
 
-    def _gather_predictions(self) -> tuple[Tensor, Tensor]:
+    def _gather_predictions(self) -> tuple[Tensor | None, Tensor | None]:
         """Per-sample (targets, probabilities) of the whole test set, for bootstrap CIs;
         gathered as objects because unpadded DDP shards differ in length."""
         outputs = self._test_outputs
-        columns = [torch.cat(c) for c in zip(*outputs, strict=True)] if outputs else [None] * 3
+        columns = [torch.cat(c) for c in zip(*outputs, strict=True)] if outputs else [None] * 2
         if self.trainer.world_size > 1:
             import torch.distributed as dist
 
@@ -254,8 +255,10 @@ class ClassifierModule(L.LightningModule):
             shards = [s for s in shards if s[0] is not None]
             columns = [torch.cat(c) for c in zip(*shards, strict=True)]
         self._test_outputs = []
-        targets, probs, self.test_raw_logits = columns
-        return targets, probs
+        targets, self.test_raw_logits = columns
+        if targets is None:
+            return None, None
+        return targets, self.adjust_logits(self.test_raw_logits).softmax(dim=1)
 
     def score(self, logits: Tensor, targets: Tensor) -> dict[str, float]:
         """The metrics of whole-split ``logits``, outside a loop (fresh metric state)."""
