@@ -1,5 +1,5 @@
-"""The long-tail recipe's switches: layer-wise lr decay, BitFit, mixup/CutMix, test-time flip,
-the probe on cached features."""
+"""The long-tail recipe's switches: layer-wise lr decay, BitFit, LoRA, mixup/CutMix, test-time
+flip, the probe on cached features."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from tailtune.features.cache import FeatureCache
 from tailtune.features.datamodule import unaugmented_train_features
 from tailtune.features.extractor import FeatureExtractor
 from tailtune.models.finetune import FineTuneModule
+from tailtune.models.lora import lora_targets
 from test_finetune import Snapshots, fit
 
 MIX = "model.mix={_target_:tailtune.data.mixing.BatchMix,mixup_alpha:0.4,cutmix_alpha:1.0}"
@@ -51,6 +52,56 @@ def test_bitfit_changes_only_backbone_biases(smoke_cfg, tmp_path):
     changed = {k for k in params if not torch.equal(before[k], after[k])}
     assert changed and all(k.endswith("bias") for k in changed)
     assert all(not p.requires_grad for k, p in params.items() if not k.endswith("bias"))
+
+
+def test_lora_trains_only_the_adapters_and_its_checkpoint_reloads(smoke_cfg, tmp_path):
+    """tune=lora: the head epoch leaves the adapted backbone bit-identical; afterwards only
+    adapter weights change (pretrained weights and BN statistics stay), and the checkpoint
+    rebuilds the adapters and gives the same logits."""
+    import tailtune
+
+    cfg, _ = smoke_cfg("model.tune=lora", "model.lora_rank=4", "model.lr=0.05",
+                       "model.backbone_lr_ratio=1.0")
+    snaps = Snapshots()
+    model, trainer = fit(cfg, tmp_path / "run", [snaps])
+    before, head_epoch, after = snaps.initial, snaps.backbone[0], snaps.backbone[-1]
+    assert all(torch.equal(before[k], head_epoch[k]) for k in before)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".lora_" in k for k in changed)
+    assert any(".lora_B." in k for k in changed)  # B starts at 0: the update is live now
+    trainable = {k for k, p in model.backbone.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in k for k in trainable)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    reloaded = tailtune.load(str(ckpt))
+    x = torch.rand(2, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), model(x))
+
+
+def test_lora_targets_dense_layers_of_the_stages_that_train(smoke_cfg):
+    """Depthwise convolutions and timm's dynamically padded Conv2dSame (lite0's stem) get no
+    adapter; train_stages narrows the targets to the last stages; before training, the
+    (zero-initialised) adapters leave the pretrained backbone's features as they were."""
+    full, _ = smoke_cfg()
+    _, plain = build_experiment(full)
+    modules = dict(plain.backbone.named_modules())
+    everywhere = lora_targets(plain.backbone)
+    assert "conv_stem" not in everywhere and "conv_head" in everywhere
+    assert all(modules[name].groups == 1 for name in everywhere)
+    assert any(n.endswith("conv_dw") for n in modules) and \
+        not any(n.endswith("conv_dw") for n in everywhere)
+    cfg, _ = smoke_cfg("model.tune=lora", "model.train_stages=2")
+    _, adapted = build_experiment(cfg)
+    adapted_layers = {n.rsplit(".lora_A", 1)[0] for n, _ in adapted.backbone.named_parameters()
+                      if ".lora_A." in n}
+    assert adapted_layers and adapted_layers < set(everywhere)
+    assert all(f"{name}.weight" in adapted.trainable_prefixes for name in adapted_layers)
+    x = torch.rand(2, 3, 16, 16)
+    plain.eval(), adapted.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(adapted.features(x), plain.features(x))
 
 
 def test_mixup_is_the_convex_combination_with_a_permutation():

@@ -17,8 +17,9 @@ Design (it avoids the known bugs of Lightning's ``BackboneFinetuning`` and timm'
 
 The long-tail recipe's switches (configs/experiment/lt_recipe.yaml) live here too:
 ``layer_decay`` (one param group per timm block, lrs decaying from the top), ``tune="bitfit"``
-(only the backbone's biases train), ``mix`` (a :class:`~tailtune.data.mixing.BatchMix`:
-mixup/CutMix with the mixed criterion), ``tta_flip`` (eval logits averaged with the mirror
+(only the backbone's biases train), ``tune="lora"`` (only low-rank adapters train,
+:mod:`tailtune.models.lora`), ``mix`` (a :class:`~tailtune.data.mixing.BatchMix`: mixup/CutMix
+with the mixed criterion), ``tta_flip`` (eval logits averaged with the mirror
 image's) and ``probe_epochs`` (LP-FT's linear probe, fitted on cached features before the
 first epoch instead of in image epochs with a frozen backbone).
 """
@@ -44,12 +45,13 @@ from tailtune.features.datamodule import unaugmented_train_features
 from tailtune.features.extractor import FeatureExtractor
 from tailtune.models.base import ClassifierModule
 from tailtune.models.heads import build_head
+from tailtune.models.lora import ADAPTER_MARK, add_lora
 from tailtune.models.schedules import WarmupCosine
 
 log = logging.getLogger(__name__)
 
 BN_MODES = ("frozen", "train")
-TUNE_MODES = ("full", "bitfit")
+TUNE_MODES = ("full", "bitfit", "lora")
 OptimizerFactory = Callable[[Iterable[dict[str, Any]]], torch.optim.Optimizer]
 
 
@@ -71,6 +73,8 @@ class FineTuneModule(ClassifierModule):
         train_stages: int | None = None,
         tune: str = "full",
         layer_decay: float = 1.0,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
         bn_after_unfreeze: str = "frozen",
         head_dropout: float = 0.0,
         mix: BatchMix | None = None,
@@ -118,6 +122,8 @@ class FineTuneModule(ClassifierModule):
         self.optimizer_factory = optimizer or (lambda groups: torch.optim.AdamW(groups))
         self.schedule = scheduler if scheduler is not None else WarmupCosine()
         self.trainable_prefixes = self._select_stages(train_stages)
+        if tune == "lora":  # adapters on the layers of the stages that train
+            add_lora(self.backbone, lora_rank, lora_alpha, self.trainable_prefixes)
         for name, param in self.backbone.named_parameters():
             # Set once, before any DDP wrapping: stages outside `train_stages` never train.
             param.requires_grad_(self._is_trainable(name))
@@ -138,6 +144,8 @@ class FineTuneModule(ClassifierModule):
         return tuple(name for group in chosen for name in group)
 
     def _is_trainable(self, param_name: str) -> bool:
+        if self.tune == "lora":  # LoRA (Hu et al. 2022): only the adapters
+            return ADAPTER_MARK in param_name
         if self.tune == "bitfit" and not param_name.endswith("bias"):
             return False  # BitFit (Ben Zaken et al. 2022): only the biases of the backbone
         return any(param_name.startswith(p) for p in self.trainable_prefixes)
