@@ -116,6 +116,34 @@ def test_logit_adjusted_tau0_is_ce_and_tau1_is_balanced_softmax(batch):
     assert torch.allclose(la1, BalancedSoftmaxLoss(COUNTS)(logits, target))
 
 
+@pytest.mark.parametrize("make", [lambda ls: BalancedSoftmaxLoss(COUNTS, label_smoothing=ls),
+                                  lambda ls: LogitAdjustedLoss(COUNTS, tau=1.5,
+                                                               label_smoothing=ls)])
+def test_smoothing_under_a_prior_shift_is_minimised_by_the_smoothed_balanced_label(make):
+    # Smoothing meant for softmax(z), the prediction: the loss must be stationary where
+    # softmax(z) = (1 - eps) onehot + eps / K for every class, head or tail. Smoothing in the
+    # shifted space (F.cross_entropy(z + shift, label_smoothing=eps)) is not: its optimum for
+    # a head-class image predicts the rarest class.
+    eps, k = 0.1, len(COUNTS)
+    target = torch.arange(k)
+    smoothed = torch.full((k, k), eps / k, dtype=torch.float64) + (1 - eps) * torch.eye(k)
+    z = smoothed.log().requires_grad_(True)
+    make(eps)(z, target).backward()
+    assert torch.allclose(z.grad, torch.zeros_like(z.grad), atol=1e-7)
+    shift = make(eps).logit_prior_shift().double()
+    old = z.detach().clone().requires_grad_(True)  # the same point under the old smoothing
+    F.cross_entropy(old - shift, target, label_smoothing=eps).backward()
+    assert old.grad.abs().max() > 1e-2
+
+
+def test_prior_shifted_smoothing_is_torch_smoothing_when_the_shift_is_uniform(batch):
+    logits, target = batch
+    flat = BalancedSoftmaxLoss([40] * len(COUNTS), label_smoothing=0.2)(logits, target)
+    assert torch.allclose(flat, F.cross_entropy(logits, target, label_smoothing=0.2))
+    la0 = LogitAdjustedLoss(COUNTS, tau=0.0, label_smoothing=0.2)(logits, target)
+    assert torch.allclose(la0, F.cross_entropy(logits, target, label_smoothing=0.2))
+
+
 def test_posthoc_logit_adjust_subtracts_log_prior():
     logits = torch.zeros(2, 3)
     out = posthoc_logit_adjust(logits, [2, 1, 1], tau=2.0)

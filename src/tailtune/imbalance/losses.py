@@ -41,6 +41,17 @@ Class weights and label smoothing
     smoothed loss ``(1 - eps) * nll_i + eps * mean_j(-log p_ij)``, and the mean is normalised by
     ``sum_i w[y_i]`` as in PyTorch. Without smoothing this is identical to ``F.cross_entropy``.
 
+Prior shifts and label smoothing
+    Balanced softmax and the logit-adjusted loss train ``z + shift`` and predict with ``z``.
+    Smoothing the label uniformly in the shifted (training) space, as
+    ``F.cross_entropy(z + shift, y, label_smoothing=eps)`` does, puts ``eps / K`` of every
+    sample's target on each rare class *before* the shift is taken off: at the optimum a
+    confidently labelled head-class image is predicted as the rarest class (Fashion-MNIST-LT at
+    imbalance ratio 100: a T-shirt's ``softmax(z)`` peaks at Ankle boot). Here the smoothed label
+    ``(1 - eps) onehot + eps / K`` is the target of ``softmax(z)``, the balanced prediction, and
+    is carried to the training space by the same shift: ``t ~ smoothed * exp(shift)``. With a
+    uniform shift, or ``eps = 0``, it is ``F.cross_entropy``'s smoothing exactly.
+
 Per-class buffers are non-persistent: they are recomputed from data + config, and keeping them out
 of ``state_dict`` lets a checkpoint load into a module configured with a different loss.
 """
@@ -118,6 +129,20 @@ def _smoothed_nll(logp: Tensor, target: Tensor, label_smoothing: float) -> Tenso
     if label_smoothing == 0.0:
         return nll
     return (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(dim=1)
+
+
+def _shifted_cross_entropy(
+    logits: Tensor, target: Tensor, shift: Tensor, label_smoothing: float
+) -> Tensor:
+    """``CE(z + shift, y)`` with the label smoothed for ``softmax(z)`` (module docstring)."""
+    shift = shift.to(logits.dtype)
+    shifted = logits + shift
+    if label_smoothing == 0.0:
+        return F.cross_entropy(shifted, target)
+    smoothed = torch.full_like(logits, label_smoothing / logits.shape[1])
+    smoothed.scatter_add_(1, target[:, None],
+                          torch.full_like(smoothed[:, :1], 1.0 - label_smoothing))
+    return F.cross_entropy(shifted, torch.softmax(smoothed.log() + shift, dim=1))
 
 
 def _weighted_mean(per_sample: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
@@ -448,8 +473,7 @@ class BalancedSoftmaxLoss(ImbalanceLoss):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         self._check(logits, target)
-        shifted = logits + self.log_counts.to(logits.dtype)
-        return F.cross_entropy(shifted, target, label_smoothing=self.label_smoothing)
+        return _shifted_cross_entropy(logits, target, self.log_counts, self.label_smoothing)
 
 
 class LogitAdjustedLoss(ImbalanceLoss):
@@ -481,5 +505,5 @@ class LogitAdjustedLoss(ImbalanceLoss):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         self._check(logits, target)
-        shifted = logits + self.tau * self.log_prior.to(logits.dtype)
-        return F.cross_entropy(shifted, target, label_smoothing=self.label_smoothing)
+        return _shifted_cross_entropy(logits, target, self.tau * self.log_prior,
+                                      self.label_smoothing)
