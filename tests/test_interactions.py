@@ -314,3 +314,69 @@ def test_refused_rerun_leaves_a_finished_run_untouched(cli, tmp_path):  # noqa: 
                     "seed=7")
     assert code not in (0, None) and "already holds a finished run" in err
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files
+
+
+def test_probe_under_a_progressive_sampler_corrects_each_epoch_for_its_draw(
+        smoke_cfg, tmp_path, monkeypatch):
+    """LP-FT's probe iterates the sampler itself: the loss must move with it, epoch by epoch,
+    or it corrects the later, more balanced draws for the first epoch's prior (twice)."""
+    cfg, _ = smoke_cfg("sampler=progressive", "loss=balanced_softmax", "trainer.max_epochs=3",
+                       "model.probe_epochs=3", "model.unfreeze_at=0",
+                       "model.feature_cache_dir=null")
+    seen: list[tuple[int, torch.Tensor]] = []
+    forward = losses.BalancedSoftmaxLoss.forward
+
+    def recording(self, logits, target):
+        seen.append((self.epoch, self.log_counts.clone()))
+        return forward(self, logits, target)
+
+    monkeypatch.setattr(losses.BalancedSoftmaxLoss, "forward", recording)
+    datamodule, model = build_experiment(cfg)
+    datamodule.setup("fit")
+    model.fit_head_on_features(datamodule)
+    sampler = datamodule.train_sampler
+    assert sorted({epoch for epoch, _ in seen}) == [0, 1, 2]
+    for epoch, log_counts in seen:
+        want = np.log(np.maximum(len(sampler) * sampler.expected_class_distribution(epoch), 1))
+        np.testing.assert_allclose(log_counts.numpy(), want, rtol=1e-5)
+
+
+def test_a_mid_epoch_resume_restores_the_epochs_loss_schedule(tmp_path):
+    """A preemption checkpoint is written mid-epoch, and Lightning then skips the resumed
+    epoch's on_train_epoch_start: LDAM's deferred re-weighting must still be on."""
+    from tailtune.data.info import DatasetInfo
+    from tailtune.models.base import ClassifierModule
+
+    counts = (40, 8, 2)
+    info = DatasetInfo("toy", ("a", "b", "c"), counts, "fp", 8)
+
+    class Toy(ClassifierModule):
+        def __init__(self):
+            super().__init__(info, losses.LDAMLoss(counts, drw_start=1, s=1.0),
+                             log_figures=False, confusion_every_n_epochs=0)
+            self.layer, self.seen = torch.nn.Linear(2, 3), []
+
+        def forward(self, x):
+            return self.layer(x)
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append((self.current_epoch, self.criterion.drw_active))
+            return super().training_step(batch, batch_idx)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), 0.1)
+
+    class SaveMidEpoch(L.Callback):  # what PreemptionCheckpoint does on a signal
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.current_epoch == 2 and args[-1] == 0:
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+    data = torch.utils.data.TensorDataset(torch.randn(12, 2), torch.tensor([0, 1, 2] * 4))
+    kw = dict(logger=False, enable_progress_bar=False, enable_model_summary=False,
+              accelerator="cpu", limit_val_batches=0, enable_checkpointing=False, max_epochs=3)
+    L.Trainer(callbacks=[SaveMidEpoch()], **kw).fit(
+        Toy(), torch.utils.data.DataLoader(data, batch_size=4))
+    resumed = Toy()
+    L.Trainer(**kw).fit(resumed, torch.utils.data.DataLoader(data, batch_size=4),
+                        ckpt_path=tmp_path / "mid.ckpt")
+    assert resumed.seen == [(2, True), (2, True)]  # batches 1 and 2 of epoch 2, DRW on

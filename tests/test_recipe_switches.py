@@ -15,7 +15,7 @@ from tailtune.data.mixing import BatchMix
 from tailtune.features import datamodule as feature_datamodule
 from tailtune.features.cache import FeatureCache
 from tailtune.features.datamodule import unaugmented_train_features
-from tailtune.features.extractor import FeatureExtractor
+from tailtune.features.extractor import FeatureExtractor, module_sha256
 from tailtune.models.finetune import FineTuneModule
 from tailtune.models.lora import lora_targets
 from test_finetune import Snapshots, fit
@@ -102,6 +102,12 @@ def test_lora_targets_dense_layers_of_the_stages_that_train(smoke_cfg):
     plain.eval(), adapted.eval()
     with torch.no_grad():
         torch.testing.assert_close(adapted.features(x), plain.features(x))
+    # So the probe's feature cache keys them alike (each seed's random A would miss it) ...
+    assert module_sha256(adapted.backbone) == module_sha256(plain.backbone)
+    # ... until an adapter has trained.
+    with torch.no_grad():
+        next(p for n, p in adapted.backbone.named_parameters() if ".lora_B." in n).add_(1e-3)
+    assert module_sha256(adapted.backbone) != module_sha256(plain.backbone)
 
 
 def test_mixup_is_the_convex_combination_with_a_permutation():

@@ -33,6 +33,10 @@ class EpochReseed(L.Callback):
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A mid-epoch resume gets no on_train_epoch_start from Lightning.
+        self.on_train_epoch_start(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         value = epoch_seed(self.seed, trainer.current_epoch)
         random.seed(value)
@@ -60,6 +64,7 @@ class SamplerEpoch(L.Callback):
                 f"the training loader uses {type(inner).__name__}, not the configured "
                 f"{type(self.sampler).__name__}; check use_distributed_sampler / the datamodule"
             )
+        self.on_train_epoch_start(trainer, pl_module)  # a mid-epoch resume gets no epoch start
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if hasattr(self.sampler, "set_epoch"):

@@ -17,14 +17,16 @@ from torch import Tensor, nn
 
 from tailtune.backbones import Preprocess
 from tailtune.features.cache import tensor_bytes
+from tailtune.models.lora import without_idle_adapters
 
 FEATURE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def module_sha256(module: nn.Module) -> str:
-    """Content hash of a module's state dict (names, dtypes, shapes and values)."""
+    """Content hash of a module's state dict (names, dtypes, shapes and values), leaving out
+    LoRA adapters that do not yet change what it computes."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(without_idle_adapters(module.state_dict()).items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor_bytes(tensor))
     return digest.hexdigest()[:32]

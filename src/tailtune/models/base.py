@@ -172,6 +172,11 @@ class ClassifierModule(L.LightningModule):
         counts = getattr(datamodule, "train_class_counts", None)
         return counts(epoch) if counts is not None else self.info.class_counts
 
+    def on_train_start(self) -> None:
+        # Lightning skips on_train_epoch_start when it resumes mid-epoch (from a preemption
+        # checkpoint), which would leave the loss at epoch 0; on a fresh start this runs twice.
+        self.on_train_epoch_start()
+
     def on_train_epoch_start(self) -> None:
         # Schedules (deferred re-weighting, a progressive sampler's prior) derive from the
         # epoch, so resume is exact.

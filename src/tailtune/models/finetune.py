@@ -231,6 +231,8 @@ class FineTuneModule(ClassifierModule):
         for epoch in range(self.probe_epochs):
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
+            if hasattr(self.criterion, "set_epoch"):  # correct for what the sampler draws now
+                self.criterion.set_epoch(epoch)
             for rows in torch.as_tensor(list(iter(sampler))).split(batch_size):
                 rows = rows.to(self.device)
                 loss = self.criterion(self.head(features[rows]), labels[rows])
