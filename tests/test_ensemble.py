@@ -55,6 +55,40 @@ def test_an_ensemble_of_identical_members_is_the_member(combiner):
         assert torch.allclose(out.softmax(1), z.softmax(1), atol=1e-6)
 
 
+@pytest.mark.parametrize("member_tau,temperature", [(1.0, 1.0), (0.0, 2.0), (0.5, 1.5)])
+def test_the_ensembles_logit_adjustment_removes_only_the_prior_its_members_left(
+        member_tau, temperature):
+    """Members that adjust their own logits (tau, or temperature scaling as lt_recipe does)
+    hand the ensemble logits with less prior, or a scaled one, left in them: logit
+    adjustment at tau = 1 on the ensemble must give the balanced members' logits."""
+    from tailtune.data.info import DatasetInfo
+    from tailtune.imbalance.losses import CrossEntropyLoss
+    from tailtune.models.base import ClassifierModule
+    from tailtune.models.ensemble import EnsembleModule
+
+    class Identity(ClassifierModule):  # its "images" are its logits
+        def forward(self, x):
+            return x
+
+    counts = (1000, 100, 10)
+    info = DatasetInfo("toy", ("head", "mid", "tail"), counts, "fp", 32)
+
+    def member():
+        m = Identity(info, CrossEntropyLoss(counts), logit_adjust_tau=member_tau)
+        m.posthoc_temperature.fill_(temperature)
+        return m
+
+    ensemble = EnsembleModule([member(), member()], ["a", "b"], info,
+                              CrossEntropyLoss(counts), combiner=MeanLogit(),
+                              logit_adjust_tau=1.0)
+    log_prior = torch.tensor(counts, dtype=torch.float).log().log_softmax(0)
+    balanced = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    got = ensemble.eval_logits(balanced + log_prior)  # trained logits: balanced + prior
+    want = balanced / temperature
+    torch.testing.assert_close(got - got.mean(1, keepdim=True),
+                               want - want.mean(1, keepdim=True))
+
+
 def test_weighted_with_one_member_at_weight_one_is_that_member():
     members = [_logits(seed=s)[0] for s in range(3)]
     combiner = Weighted(weights=[0.0, 1.0, 0.0])
@@ -155,6 +189,21 @@ def test_samme_weights_rise_on_misclassified_samples_and_alpha_follows_the_formu
     assert bad == 0.0
     sampler = ensembles.SampleWeightSampler(labels, seed=0, num_classes=3, weights=w1)
     np.testing.assert_allclose(sampler.expected_class_distribution().sum(), 1.0)
+
+
+def test_samme_scores_members_on_the_stored_training_images_not_augmented_ones():
+    from types import SimpleNamespace
+
+    from tailtune.build.ensemble import _train_split
+    from tailtune.data.datamodule import ArrayImageDataset
+    from tailtune.data.transforms import flip_crop
+
+    images = np.random.default_rng(0).integers(0, 255, (4, 3, 32, 32), dtype=np.uint8)
+    train = ArrayImageDataset(images, np.arange(4), np.arange(4), transform=flip_crop(32))
+    split = _train_split(SimpleNamespace(datasets={"train": train}))
+    served = torch.stack([split[i][0] for i in range(4)])
+    torch.testing.assert_close(served, torch.from_numpy(images).float() / 255)
+    assert train.transform is not None  # training keeps its augmentation
 
 
 def test_samme_combiner_is_an_alpha_weighted_vote():

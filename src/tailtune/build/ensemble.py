@@ -251,9 +251,15 @@ def _train_member(mcfg: DictConfig, sampler: Any
 
 
 def _train_split(data: L.LightningDataModule) -> Any:
-    """The training split as stored (not resampled): feature rows for probes, else images."""
+    """The training split as stored (not resampled, not augmented): feature rows for probes,
+    else images. SAMME scores a member on it: a random crop there would weigh the next
+    member by errors on images nobody trained or tests on."""
     features = getattr(data, "features", None)
-    return features["train"] if features else data.datasets["train"]
+    if features:
+        return features["train"]
+    plain = copy.copy(data.datasets["train"])
+    plain.transform = None
+    return plain
 
 
 def _train_predictions(trainer: L.Trainer, model: ClassifierModule,

@@ -82,9 +82,12 @@ class EnsembleModule(ClassifierModule):
         self._before_posthoc: tuple[Tensor, Tensor, Tensor] | None = None
 
     def members_log_prior(self) -> Tensor:
-        """The prior the combined scores were trained under: the members' trained priors,
-        averaged in log space (exact for ``mean_logit``, and when members agree)."""
-        stacked = torch.stack([m.log_prior.detach().float().cpu() for m in self.members])
+        """The prior left in the combined scores: what each member's own post-hoc step
+        ``(z - tau log prior + b) / T`` leaves of its trained prior, averaged in log space
+        (exact for ``mean_logit``, and when members agree). Taking the members' trained priors
+        instead would remove a prior that a member with ``tau`` or ``b`` already removed."""
+        stacked = torch.stack([m.adjust_logits(m.log_prior.detach().float()).cpu()
+                               for m in self.members])
         return stacked.mean(dim=0).log_softmax(dim=0)
 
     # -- inference ------------------------------------------------------------------------
