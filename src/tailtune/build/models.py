@@ -70,7 +70,8 @@ def feature_parts(cfg: DictConfig) -> dict[str, Any]:
         # Absolute, so the checkpoints (which rebuild the backbone from it) load from anywhere.
         parts["init_from"] = absolute_path(cfg.model.init_from)
         source = read_checkpoint(parts["init_from"])
-        backbone, preprocess, parts["source_head"] = source_parts(model_from_checkpoint(source))
+        backbone, preprocess, parts["source_head"], parts["source_log_prior"] = source_parts(
+            model_from_checkpoint(source))
         identity = {"name": source["tailtune"]["config"]["backbone"]["name"],
                     "weights": "fine-tuned checkpoint"}
     else:

@@ -40,15 +40,16 @@ METHODS = ("crt", "tau_norm", "lws")
 BALANCED_SAMPLING_METHODS = ("crt", "lws")
 
 
-def source_parts(model: ClassifierModule) -> tuple[nn.Module, Preprocess, nn.Module]:
-    """``(backbone, preprocess, head)`` of a fine-tuned source model."""
+def source_parts(model: ClassifierModule) -> tuple[nn.Module, Preprocess, nn.Module, Tensor]:
+    """``(backbone, preprocess, head, log_prior)`` of a fine-tuned source model: the last is
+    the class prior its logits were trained under."""
     parts = [getattr(model, name, None) for name in ("backbone", "preprocess", "head")]
     if isinstance(model, LinearProbeModule) or any(p is None for p in parts):
         raise ValueError(
             f"model.init_from must be a fine-tuned checkpoint (model=finetune), not a "
             f"{type(model).__name__} one: decoupling re-balances the classifier of features "
             "that were trained; for an untouched backbone, train model=linear_probe instead")
-    return parts[0], parts[1], parts[2]
+    return parts[0], parts[1], parts[2], model.log_prior.detach().clone()
 
 
 def final_layer(head: nn.Module) -> nn.Module:
@@ -109,6 +110,7 @@ class DecoupledModule(LinearProbeModule):
         init_from: str | None = None,
         keep_bias: bool = False,
         class_balanced: bool = True,
+        source_log_prior: Tensor | None = None,
         **probe_kwargs: Any,
     ) -> None:
         if method not in METHODS:
@@ -122,6 +124,7 @@ class DecoupledModule(LinearProbeModule):
         self.init_from = init_from
         self.keep_bias = keep_bias
         self.class_balanced = class_balanced
+        self.source_log_prior = source_log_prior
         final = final_layer(source_head)
         if method == "tau_norm":
             if not isinstance(final, nn.Linear):
@@ -134,6 +137,13 @@ class DecoupledModule(LinearProbeModule):
         # crt keeps the freshly initialised head the probe built.
 
     # -- tau-norm: nothing trains; tau is chosen on validation after "fitting" -------------
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        if self.method == "tau_norm" and self.source_log_prior is not None:
+            # Its logits are the source head's: they carry the prior the source was trained
+            # under (uniform for a logit-adjusted source), not this run's loss and sampler's.
+            self.log_prior.copy_(self.source_log_prior.to(self.log_prior))
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         if self.method == "tau_norm":
             return None  # no trainable parameter; Lightning skips the step
