@@ -119,6 +119,21 @@ def test_mixup_is_the_convex_combination_with_a_permutation():
     torch.testing.assert_close(mixed, lam * x + (1 - lam) * x[order])
 
 
+def test_mixing_draws_follow_the_run_seed_and_the_epoch(smoke_cfg):
+    """Not one fixed sequence for every seed of a sweep, nor epoch 0's again after a resume:
+    the mixer restarts at each epoch start from the (seed, epoch)-seeded global generator."""
+    cfg, _ = smoke_cfg(MIX)
+    _, model = build_experiment(cfg)
+    x, y = torch.rand(8, 3, 6, 6), torch.arange(8)
+
+    def draws(seed: int) -> list[float]:
+        torch.manual_seed(seed)  # what EpochReseed does at the epoch start
+        model.on_train_epoch_start()
+        return [model.mix(x, y)[2] for _ in range(4)]
+
+    assert draws(1) == draws(1) and draws(1) != draws(2)
+
+
 def test_cutmix_pastes_a_box_and_lam_is_the_area_left():
     x, y = torch.zeros(4, 3, 10, 10), torch.arange(4)
     x += y.view(4, 1, 1, 1).float()  # image i is filled with the value i

@@ -39,6 +39,10 @@ class BatchMix:
         self.switch_prob = float(switch_prob)
         self.rng = np.random.default_rng(seed)
 
+    def reseed(self, seed: int) -> None:
+        """Restart the draws from ``seed`` (the model does at every epoch start)."""
+        self.rng = np.random.default_rng(seed)
+
     def __call__(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, float]:
         """``(mixed images, partner targets, lam)``; ``lam = 1`` leaves the batch as it is."""
         if self.rng.random() >= self.prob:

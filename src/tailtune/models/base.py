@@ -80,7 +80,11 @@ class ClassifierModule(L.LightningModule):
         self.few_threshold = few_threshold
         self.confusion_every_n_epochs = confusion_every_n_epochs
         self.log_figures = log_figures
-        self.register_buffer("log_prior", self.trained_log_prior(info.class_counts))
+        # Until the first epoch says otherwise: the loss's first-epoch counts (a sampler's
+        # draw when it was given one), the counts its shift was derived from.
+        prior_counts = getattr(loss, "prior_counts", None)
+        self.register_buffer("log_prior", self.trained_log_prior(
+            prior_counts(0) if prior_counts else info.class_counts))
         self.posthoc = self._posthoc_steps(posthoc)
         self.posthoc_crossfit = posthoc_crossfit
         self.register_buffer("posthoc_tau", torch.tensor(float(logit_adjust_tau)))

@@ -196,6 +196,10 @@ class FineTuneModule(ClassifierModule):
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self.train()  # the BatchNorm/dropout mode depends on the epoch
+        if self.mix is not None:
+            # From the global generator, which EpochReseed has just seeded from (run seed,
+            # epoch): each seed mixes differently, and a resumed epoch as the uninterrupted one.
+            self.mix.reseed(int(torch.randint(2**62, ()).item()))
 
     # -- the head on cached features (LP-FT's probe) ---------------------------------------
     def on_fit_start(self) -> None:
