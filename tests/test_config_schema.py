@@ -25,8 +25,8 @@ def _keys(table) -> set[str]:
 
 # Built by the pipeline, or passed from top-level keys (seed, subsample): not group settings.
 INJECTED = {"backbone", "preprocess", "info", "loss", "backbone_identity", "extractor",
-            "source_head", "members", "member_names", "combiner", "sampler", "seed",
-            "subsample", "train_transform"}
+            "source_head", "source_log_prior", "members", "member_names", "combiner", "sampler",
+            "seed", "subsample", "train_transform"}
 
 
 def test_model_and_data_tables_match_the_constructors():

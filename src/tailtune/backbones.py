@@ -286,3 +286,21 @@ def create_backbone(
         size, tuple(data_config["mean"]), tuple(data_config["std"]), data_config["interpolation"]
     )
     return model, preprocess, identity
+
+
+# -- LoRA adapters (tailtune.models.lora adds them) -------------------------------------
+ADAPTER_MARK = ".lora_"  # in the name of every parameter peft adds
+
+
+def without_idle_adapters(state: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """``state`` as the plain backbone's while every adapter's ``B`` is still zero: untrained
+    adapters compute nothing, so a hash of the weights (the feature cache's key) should not
+    tell the adapted backbone from the plain one (their random ``A`` differs per seed)."""
+    adapters = [name for name in state if ADAPTER_MARK in name]
+    if not adapters or any(
+        ".lora_B." in name and state[name].any() for name in adapters
+    ):
+        return state
+    # peft moves each adapted layer's own weights under ``base_layer``.
+    return {name.replace(".base_layer.", "."): t for name, t in state.items()
+            if ADAPTER_MARK not in name}

@@ -15,9 +15,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from tailtune.backbones import Preprocess
+from tailtune.backbones import Preprocess, without_idle_adapters
 from tailtune.features.cache import tensor_bytes
-from tailtune.models.lora import without_idle_adapters
 
 FEATURE_DTYPES = ("float32", "float16", "bfloat16")
 

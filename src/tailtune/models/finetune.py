@@ -37,7 +37,7 @@ from timm.models import group_parameters
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from tailtune.backbones import Preprocess
+from tailtune.backbones import ADAPTER_MARK, Preprocess
 from tailtune.data.info import DatasetInfo
 from tailtune.data.mixing import BatchMix
 from tailtune.features.cache import FeatureCache
@@ -45,7 +45,7 @@ from tailtune.features.datamodule import unaugmented_train_features
 from tailtune.features.extractor import FeatureExtractor
 from tailtune.models.base import ClassifierModule
 from tailtune.models.heads import build_head
-from tailtune.models.lora import ADAPTER_MARK, add_lora
+from tailtune.models.lora import add_lora
 from tailtune.models.schedules import WarmupCosine
 
 log = logging.getLogger(__name__)

@@ -15,11 +15,7 @@ its import takes seconds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-from torch import Tensor, nn
-
-ADAPTER_MARK = ".lora_"  # in the name of every parameter peft adds
+from torch import nn
 
 
 def lora_targets(backbone: nn.Module, prefixes: tuple[str, ...] = ("",)) -> list[str]:
@@ -50,16 +46,3 @@ def add_lora(backbone: nn.Module, rank: int, alpha: float,
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=f"^(?:{pattern})$")
     return inject_adapter_in_model(config, backbone)
 
-
-def without_idle_adapters(state: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
-    """``state`` as the plain backbone's while every adapter's ``B`` is still zero: untrained
-    adapters compute nothing, so a hash of the weights (the feature cache's key) should not
-    tell the adapted backbone from the plain one (their random ``A`` differs per seed)."""
-    adapters = [name for name in state if ADAPTER_MARK in name]
-    if not adapters or any(
-        ".lora_B." in name and state[name].any() for name in adapters
-    ):
-        return state
-    # peft moves each adapted layer's own weights under ``base_layer``.
-    return {name.replace(".base_layer.", "."): t for name, t in state.items()
-            if ADAPTER_MARK not in name}
