@@ -13,7 +13,11 @@ from scipy.stats import bootstrap
 from sklearn.metrics import balanced_accuracy_score
 
 from tailtune.cli.compare import main as compare_main
-from tailtune.report.compare import balanced_accuracy_bootstrap, summarize
+from tailtune.report.compare import (
+    balanced_accuracy_bootstrap,
+    paired_difference_bootstrap,
+    summarize,
+)
 from tailtune.report.runs import find_runs
 
 SHARED = ["debug=smoke", "data.imbalance_ratio=20"]
@@ -137,3 +141,63 @@ def test_bca_interval_equals_scipy_on_a_known_sample():
 def test_bca_interval_of_all_equal_resamples_is_the_value_not_nan():
     targets, probs = _predictions(seed=0, right=1.0)  # every image right: every resample 1.0
     assert balanced_accuracy_bootstrap([(targets, probs)], n_boot=100) == (1.0, 1.0)
+
+
+# -- the paired difference from a baseline ------------------------------------------------
+def _fixed(targets: np.ndarray, k: int = 3) -> np.ndarray:
+    return np.eye(k)[targets] * 0.8 + 0.2 / k
+
+
+def test_paired_difference_is_the_difference_of_seed_means_and_zero_against_itself():
+    a = [_predictions(seed) for seed in (1, 2)]
+    b = [_predictions(seed) for seed in (5, 6, 7)]
+    point, low, high = paired_difference_bootstrap(a, b, n_boot=200)
+    want = np.mean([balanced_accuracy_score(t, p.argmax(1)) for t, p in a]) \
+        - np.mean([balanced_accuracy_score(t, p.argmax(1)) for t, p in b])
+    assert point == pytest.approx(want, abs=1e-12) and low < point < high
+    assert paired_difference_bootstrap(a[:1], a[:1], n_boot=200) == (0.0, 0.0, 0.0)
+
+
+def test_pairing_resolves_a_difference_that_two_overlapping_cis_cannot():
+    """The same images are hard for both configs: B fixes 12 of A's 90 errors and breaks
+    none. Each CI alone is wide; the paired difference's excludes 0."""
+    targets, probs = _predictions(seed=7, n=300, right=0.7)
+    wrong = np.flatnonzero(probs.argmax(1) != targets)
+    better = probs.copy()
+    better[wrong[:12]] = _fixed(targets[wrong[:12]])
+    alone_a = balanced_accuracy_bootstrap([(targets, probs)], n_boot=300)
+    alone_b = balanced_accuracy_bootstrap([(targets, better)], n_boot=300)
+    assert alone_b[0] < alone_a[1]  # the two CIs overlap
+    point, low, high = paired_difference_bootstrap([(targets, better)], [(targets, probs)],
+                                                   n_boot=300)
+    assert point == pytest.approx(12 / 300, abs=0.01) and low > 0
+
+
+def test_seed_noise_widens_the_difference_interval():
+    targets, steady = _predictions(seed=1, n=300)
+    _, lucky = _predictions(seed=2, n=300, right=0.95)
+    config = [_predictions(seed=3, n=300)]
+    one_kind = paired_difference_bootstrap(config, [(targets, steady)] * 2, n_boot=400)
+    mixed = paired_difference_bootstrap(config, [(targets, steady), (targets, lucky)],
+                                        n_boot=400)
+    assert mixed[2] - mixed[1] > 1.5 * (one_kind[2] - one_kind[1])
+
+
+def test_baseline_option_adds_the_paired_column_and_refuses_an_unknown_one(sweep, capsys):
+    compare_main([str(sweep), "--bootstrap", "100", "--baseline", "loss=ce"])
+    out = capsys.readouterr().out
+    assert "vs baseline" in out and "baseline" in out
+    with open(sweep / "comparison.csv", newline="") as handle:
+        rows = {row["config"]: row for row in csv.DictReader(handle)}
+    focal = next(row for key, row in rows.items() if "loss=focal" in key)
+    ce = next(row for key, row in rows.items() if "loss=ce" in key)
+    assert float(focal["delta_bal_acc"]) == pytest.approx(
+        float(focal["test_bal_acc_mean"]) - float(ce["test_bal_acc_mean"]), abs=1e-9)
+    assert float(focal["delta_ci_low"]) <= float(focal["delta_bal_acc"]) \
+        <= float(focal["delta_ci_high"])
+    assert "vs baseline" in (sweep / "comparison.md").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        compare_main([str(sweep), "--baseline", "loss=nope"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "loss=nope" in err and "loss=focal" in err

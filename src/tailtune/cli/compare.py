@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | None = None,
-            n_boot: int = 1000) -> Path:
+            n_boot: int = 1000, baseline: str | None = None) -> Path:
     from rich.console import Console
     from rich.table import Table
 
@@ -19,7 +19,7 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
     runs = [run for d in sweep_dirs for run in find_runs(d)]
     if not runs:
         raise FileNotFoundError(f"no runs found under {', '.join(map(str, sweep_dirs))}")
-    summaries = sorted(agg.summarize(runs, n_boot=n_boot),
+    summaries = sorted(agg.summarize(runs, n_boot=n_boot, baseline=baseline),
                        key=lambda s: -s.mean.get(sort_by, float("-inf")))
     common = agg.strip_common_overrides(summaries)
     unfinished = [r for r in runs if r.status != "done"]
@@ -30,11 +30,13 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
     title = f"{name}: {len(summaries)} configs, {len(runs)} runs, sorted by test {sort_by}"
     table = Table(title=title + (f"\nall runs: {','.join(common)}" if common else ""),
                   show_lines=True)
-    shown = [0, 1, 2, 3, 4, 7, 8, len(agg.HEADER) - 2, len(agg.HEADER) - 1]  # all: CSV/Markdown
+    columns = agg.header(summaries)
+    shown = [0, 1, 2, 3, 4, 7, 8, len(agg.HEADER) - 2, len(agg.HEADER) - 1,  # all: CSV/Markdown
+             *range(len(agg.HEADER), len(columns))]
     for i in shown:
         # Numbers never break; a config is one override per line, so names wrap between
         # overrides instead of mid-word.
-        table.add_column(agg.HEADER[i], overflow="fold", no_wrap=i > 0)
+        table.add_column(columns[i], overflow="fold", no_wrap=i > 0)
     for row in agg.table_rows(summaries):
         table.add_row(row[0].replace(",", "\n"), *(row[i] for i in shown[1:]))
     console = Console()
@@ -71,9 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sort-by", default="bal_acc", help="test metric to sort by")
     parser.add_argument("--out", type=Path, default=None, help="output dir (default: the first)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--baseline", default=None, metavar="OVERRIDE",
+                        help="an override naming one config (e.g. experiment=lt_plain): add each "
+                             "config's paired difference from it, with its 95%% CI")
     args = parser.parse_args(argv)
     try:
-        compare(args.sweep_dirs, args.sort_by, args.out, args.bootstrap)
+        compare(args.sweep_dirs, args.sort_by, args.out, args.bootstrap, args.baseline)
     except (FileNotFoundError, ValueError) as err:
         print(f"tailtune-compare: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -1,4 +1,5 @@
-"""Aggregate runs per config: mean ± std over seeds and a bootstrap CI of balanced accuracy."""
+"""Aggregate runs per config: mean ± std over seeds, a bootstrap CI of balanced accuracy, and
+against a baseline config the paired difference with its own CI."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ class ConfigSummary:
     mean: dict[str, float] = field(default_factory=dict)
     std: dict[str, float] = field(default_factory=dict)
     ci: tuple[float, float] | None = None
+    # Each run's (targets, probs) on the test set, when all were saved.
+    predictions: list[tuple[np.ndarray, np.ndarray]] | None = None
+    # Seed-mean balanced accuracy minus the baseline's, with its paired 95 % CI.
+    delta: tuple[float, float, float] | None = None
+    is_baseline: bool = False
 
     @property
     def n(self) -> int:
@@ -70,17 +76,64 @@ def balanced_accuracy_bootstrap(
     every seed; the CI then reflects test-set noise, which seeds alone do not show. When
     every resample gives the same value (e.g. all images right), the interval is that value.
     """
-    from scipy.stats import bootstrap
+    targets, statistic, correct = _statistic(predictions)
+    point = float(statistic(np.arange(len(targets))))
+    if len(targets) < 2 or correct.all() or not correct.any():  # no spread to resample
+        return point, point
+    return _bca(statistic, len(targets), n_boot, seed, level)
 
+
+def paired_difference_bootstrap(
+    predictions: list[tuple[np.ndarray, np.ndarray]],
+    baseline: list[tuple[np.ndarray, np.ndarray]], n_boot: int = 1000, seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """``(difference, low, high)``: the seed-mean test balanced accuracy of ``predictions``
+    minus that of ``baseline``, with a percentile interval from a two-level bootstrap.
+
+    Each resample draws test images *jointly* for both configs (they were scored on the same
+    images, so the luck of the test draw they share cancels: a paired comparison, narrower
+    than two CIs side by side) and each config's *seeds* with replacement (training noise,
+    which an image bootstrap alone leaves out; a config of one run has none to draw)."""
+    targets, _, correct = _statistic(predictions)
+    base_targets, _, base_correct = _statistic(baseline)
+    if not np.array_equal(targets, base_targets):
+        raise ValueError("the config and the baseline were tested on different test sets")
+    k = max(predictions[0][1].shape[1], baseline[0][1].shape[1])
+    rng = np.random.default_rng(seed)
+    images = rng.integers(len(targets), size=(n_boot, len(targets)))
+
+    def resampled_means(hits: np.ndarray) -> np.ndarray:  # [n_boot] seed-means
+        per_seed = np.stack([seed_mean_balanced_accuracy(targets, row[None], k)(images)
+                             for row in hits], axis=1)  # [n_boot, seeds]
+        draw = rng.integers(len(hits), size=per_seed.shape)
+        return np.take_along_axis(per_seed, draw, axis=1).mean(axis=1)
+
+    whole = np.arange(len(targets))
+    point = float(seed_mean_balanced_accuracy(targets, correct, k)(whole)
+                  - seed_mean_balanced_accuracy(targets, base_correct, k)(whole))
+    spread = resampled_means(correct) - resampled_means(base_correct)
+    low, high = np.quantile(spread, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return point, float(low), float(high)
+
+
+def _statistic(predictions: list[tuple[np.ndarray, np.ndarray]]
+               ) -> tuple[np.ndarray, Callable[..., np.ndarray], np.ndarray]:
+    """``(targets, seed-mean balanced accuracy of an index, correct[seeds, N])``."""
     targets = predictions[0][0]
     if any(len(t) != len(targets) or not np.array_equal(t, targets) for t, _ in predictions):
         raise ValueError("runs of one config were tested on different test sets")
     correct = np.stack([p.argmax(axis=1) == targets for _, p in predictions])  # [seeds, N]
-    statistic = seed_mean_balanced_accuracy(targets, correct, predictions[0][1].shape[1])
-    index = np.arange(len(targets))
-    point = float(statistic(index))
-    if len(targets) < 2 or correct.all() or not correct.any():  # no spread to resample
-        return point, point
+    return targets, seed_mean_balanced_accuracy(
+        targets, correct, predictions[0][1].shape[1]), correct
+
+
+def _bca(statistic: Callable[..., np.ndarray], n: int, n_boot: int, seed: int,
+         level: float) -> tuple[float, float]:
+    """BCa interval of ``statistic`` over resamples of ``n`` test image indices."""
+    from scipy.stats import bootstrap
+
+    index = np.arange(n)
     with warnings.catch_warnings():  # a degenerate distribution is handled below
         warnings.simplefilter("ignore")
         result = bootstrap((index,), statistic, n_resamples=n_boot, confidence_level=level,
@@ -104,8 +157,11 @@ def _load_predictions(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
         return data["targets"], data["probs"]
 
 
-def summarize(runs: list[Run], n_boot: int = 1000) -> list[ConfigSummary]:
-    """Finished runs grouped by config (overrides minus seed), with mean, std and CI."""
+def summarize(runs: list[Run], n_boot: int = 1000, baseline: str | None = None
+              ) -> list[ConfigSummary]:
+    """Finished runs grouped by config (overrides minus seed), with mean, std and CI; with
+    ``baseline`` (an override that names one config, e.g. ``experiment=lt_plain``) each other
+    config's paired difference from it."""
     groups: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         if run.status == "done" and run.metrics.get("test"):
@@ -125,9 +181,28 @@ def summarize(runs: list[Run], n_boot: int = 1000) -> list[ConfigSummary]:
             summary.mean["val_bal_acc"] = float(np.mean(val))
         predictions = [p for p in map(_load_predictions, members) if p is not None]
         if len(predictions) == len(members) and predictions:
+            summary.predictions = predictions
             summary.ci = balanced_accuracy_bootstrap(predictions, n_boot=n_boot)
         summaries.append(summary)
+    if baseline is not None:
+        _add_differences(summaries, baseline, n_boot)
     return summaries
+
+
+def _add_differences(summaries: list[ConfigSummary], baseline: str, n_boot: int) -> None:
+    matches = [s for s in summaries if baseline in s.key.split(",")]
+    if len(matches) != 1:
+        keys = "; ".join(s.key for s in summaries) or "none finished"
+        raise ValueError(f"--baseline {baseline} names {len(matches)} configs, not one; "
+                         f"the configs: {keys}")
+    base = matches[0]
+    base.is_baseline = True
+    if base.predictions is None:
+        raise ValueError(f"the baseline {baseline} has runs without test_predictions.npz")
+    for summary in summaries:
+        if summary is not base and summary.predictions is not None:
+            summary.delta = paired_difference_bootstrap(summary.predictions, base.predictions,
+                                                        n_boot=n_boot)
 
 
 def strip_common_overrides(summaries: list[ConfigSummary]) -> list[str]:
@@ -149,15 +224,32 @@ def _fmt(summary: ConfigSummary, name: str, digits: int = 4) -> str:
 COLUMNS = ("bal_acc", "macro_f1", "gmean", "acc", *SHOTS, "ece")
 
 
+def _delta(summary: ConfigSummary) -> str:
+    if summary.is_baseline:
+        return "baseline"
+    if summary.delta is None:
+        return "–"
+    point, low, high = summary.delta
+    return f"{point:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+
 def table_rows(summaries: list[ConfigSummary]) -> list[list[str]]:
+    """One row per config; with a baseline, a last column: the paired difference."""
+    paired = any(s.is_baseline for s in summaries)
     rows = []
     for s in summaries:
         ci = f"[{s.ci[0]:.4f}, {s.ci[1]:.4f}]" if s.ci else "–"
-        rows.append([s.key, str(s.n), *(_fmt(s, c) for c in COLUMNS), ci, _fmt(s, "wall_s", 0)])
+        rows.append([s.key, str(s.n), *(_fmt(s, c) for c in COLUMNS), ci, _fmt(s, "wall_s", 0),
+                     *([_delta(s)] if paired else [])])
     return rows
 
 
 HEADER = ["config", "n", *(f"test {c}" for c in COLUMNS), "bal_acc 95% CI", "wall s"]
+DELTA_HEADER = "Δ bal_acc vs baseline [paired 95% CI]"
+
+
+def header(summaries: list[ConfigSummary]) -> list[str]:
+    return HEADER + ([DELTA_HEADER] if any(s.is_baseline for s in summaries) else [])
 
 
 def write_csv(summaries: list[ConfigSummary], path: Path) -> None:
@@ -165,13 +257,16 @@ def write_csv(summaries: list[ConfigSummary], path: Path) -> None:
         writer = csv.writer(fh)
         writer.writerow(["config", "n", "seeds",
                          *(f"test_{c}_{s}" for c in COLUMNS for s in ("mean", "std")),
-                         "bal_acc_ci_low", "bal_acc_ci_high", "wall_s_mean", "wall_s_std"])
+                         "bal_acc_ci_low", "bal_acc_ci_high", "wall_s_mean", "wall_s_std",
+                         "delta_bal_acc", "delta_ci_low", "delta_ci_high"])
         for s in summaries:
             writer.writerow([
                 s.key, s.n, " ".join(r.seed for r in s.runs),
                 *(_cell(v) for c in COLUMNS for v in (s.mean.get(c), s.std.get(c))),
                 *((_cell(v) for v in s.ci) if s.ci else ("", "")),
                 _cell(s.mean.get("wall_s")), _cell(s.std.get("wall_s")),
+                *((_cell(v) for v in s.delta) if s.delta else
+                  ((0.0, 0.0, 0.0) if s.is_baseline else ("", "", ""))),
             ])
 
 
@@ -187,7 +282,8 @@ def write_markdown(summaries: list[ConfigSummary], unfinished: list[Run], path: 
     lines = [f"# {title}: comparison (sorted by test {sort_by})", ""]
     if shared:
         lines += ["Shared by all runs: " + ", ".join(f"`{o}`" for o in shared), ""]
-    lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    columns = header(summaries)
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(summaries)]
     if not summaries:
         lines += ["", "No run finished: nothing to compare."]
