@@ -10,7 +10,8 @@ The targets are the backbone's ``nn.Linear`` layers and its dense ``nn.Conv2d`` 
 of a ResNet, and the attention and MLP layers of a ViT. Depthwise convolutions and timm's
 ``Conv2dSame`` (padding computed in ``forward``, which peft's conv adapter would not apply to
 its own low-rank path) are left out. ``peft`` is imported here only, when an adapter is made:
-its import takes seconds.
+its import takes seconds. Adapter parameters are named with
+:data:`tailtune.backbones.ADAPTER_MARK`, where the feature cache's weight hash also reads it.
 """
 
 from __future__ import annotations
@@ -45,4 +46,3 @@ def add_lora(backbone: nn.Module, rank: int, alpha: float,
     pattern = "|".join(name.replace(".", r"\.") for name in targets)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=f"^(?:{pattern})$")
     return inject_adapter_in_model(config, backbone)
-
