@@ -95,11 +95,11 @@ def paired_difference_bootstrap(
     images, so the luck of the test draw they share cancels: a paired comparison, narrower
     than two CIs side by side) and each config's *seeds* with replacement (training noise,
     which an image bootstrap alone leaves out; a config of one run has none to draw)."""
-    targets, _, correct = _statistic(predictions)
-    base_targets, _, base_correct = _statistic(baseline)
+    targets, ours, correct = _statistic(predictions)
+    base_targets, theirs, base_correct = _statistic(baseline)
     if not np.array_equal(targets, base_targets):
         raise ValueError("the config and the baseline were tested on different test sets")
-    k = max(predictions[0][1].shape[1], baseline[0][1].shape[1])
+    k = predictions[0][1].shape[1]
     rng = np.random.default_rng(seed)
     images = rng.integers(len(targets), size=(n_boot, len(targets)))
 
@@ -110,8 +110,7 @@ def paired_difference_bootstrap(
         return np.take_along_axis(per_seed, draw, axis=1).mean(axis=1)
 
     whole = np.arange(len(targets))
-    point = float(seed_mean_balanced_accuracy(targets, correct, k)(whole)
-                  - seed_mean_balanced_accuracy(targets, base_correct, k)(whole))
+    point = float(ours(whole) - theirs(whole))
     spread = resampled_means(correct) - resampled_means(base_correct)
     low, high = np.quantile(spread, [(1 - level) / 2, 1 - (1 - level) / 2])
     return point, float(low), float(high)
