@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
@@ -92,3 +93,18 @@ def test_plain_config_makes_the_source_checkpoint_absolute(tmp_path, monkeypatch
     assert plain == {"model": {"init_from": str(tmp_path / "runs" / "best.ckpt")}}
     assert cfg.model.init_from == "runs/best.ckpt"  # the config itself is left as it was
     assert Path(plain["model"]["init_from"]).is_absolute()
+
+
+def test_reported_metrics_cover_whole_splits_whatever_the_batch_limits(smoke_cfg, tmp_path):
+    """debug=smoke limits val and test to 2 batches per epoch; the final passes, the numbers a
+    run reports and the post-hoc step tuned on val, still see every image of both splits."""
+    cfg, _ = smoke_cfg("model.posthoc=temperature")
+    assert cfg.trainer.limit_val_batches == 2 and cfg.trainer.limit_test_batches == 2
+    data, model = build_experiment(cfg)
+    trainer = build_trainer(cfg, tmp_path / "run", training_callbacks(cfg, data), loggers=[])
+    trainer.fit(model, datamodule=data)
+    assert len(data.datasets["test"]) > 2 * cfg.data.eval_batch_size  # the limit would bite
+    metrics = final_metrics(trainer, model, data)
+    assert int(model.test_confusion.sum()) == len(data.datasets["test"])
+    val_counts = np.bincount(data.split_labels("val"), minlength=data.info.num_classes)
+    assert metrics["posthoc"]["val_min_class_count"] == val_counts.min()

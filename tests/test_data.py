@@ -75,3 +75,16 @@ def test_eval_shards_cover_every_sample_once_without_padding():
     shards = [list(EvalShardSampler(dataset, num_replicas=3, rank=r)) for r in range(3)]
     assert sorted(i for shard in shards for i in shard) == dataset
     assert [len(s) for s in shards] == [4, 4, 3]
+
+
+def test_val_is_served_in_a_fixed_shuffled_order_and_test_as_stored():
+    """A folder's rows are stored class by class: served so, trainer.limit_val_batches=0.25
+    would validate on the first class alone. Test rows keep their order (runs are paired
+    image by image in tailtune-compare)."""
+    from tailtune.data.datamodule import eval_sampler
+
+    labels = np.repeat(np.arange(4), 30)
+    val = list(eval_sampler("val", labels))
+    assert sorted(val) == list(range(120)) and val == list(eval_sampler("val", labels))
+    assert set(labels[val[:30]]) == {0, 1, 2, 3}
+    assert list(eval_sampler("test", labels)) == list(range(120))

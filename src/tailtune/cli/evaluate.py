@@ -43,7 +43,7 @@ def evaluate(cfg: DictConfig) -> dict:
         datamodule = data.build_datamodule(run_cfg)
         checkpoints.check_same_split(checkpoints.dataset_info(checkpoint), datamodule.info)
         model = models.model_from_checkpoint(checkpoint)
-        tester = trainer.build_trainer(cfg, run_dir)
+        tester = trainer.build_trainer(cfg, run_dir, whole_splits=True)  # reported: whole
         if cfg.split == "val":
             tester.validate(model, datamodule=datamodule, verbose=False)
             metrics = {"val": dict(model.val_results)}

@@ -50,7 +50,8 @@ class ImageSource(Protocol):
 
 
 class EvalShardSampler(DistributedSampler):
-    """Contiguous-stride shards of an eval set with no padding.
+    """An eval set's rows in a fixed order (``order``; default: as stored), in contiguous-stride
+    shards with no padding.
 
     Lightning's default distributed sampler pads val/test with duplicates so every rank gets
     the same count, which biases metrics; torchmetrics syncs uneven shards correctly, so
@@ -58,9 +59,10 @@ class EvalShardSampler(DistributedSampler):
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int | None = None,
-                 rank: int | None = None) -> None:
+                 rank: int | None = None, order: Sequence[int] | None = None) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.indices = list(range(self.rank, len(dataset), self.num_replicas))
+        order = list(range(len(dataset))) if order is None else [int(i) for i in order]
+        self.indices = order[self.rank::self.num_replicas]
         self.num_samples = len(self.indices)
 
     def __iter__(self):
@@ -68,6 +70,16 @@ class EvalShardSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def eval_sampler(split: str, dataset: Dataset) -> EvalShardSampler:
+    """Val rows in one fixed shuffled order, so that a per-epoch ``trainer.limit_val_batches``
+    scores a sample of every class, not the first classes of a folder sorted by class; test
+    rows as stored (``test_predictions.npz`` pairs runs image by image). Sharded under DDP."""
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    order = np.random.default_rng(0).permutation(len(dataset)) if split == "val" else None
+    return EvalShardSampler(dataset, order=order, **({} if distributed else
+                                                     {"num_replicas": 1, "rank": 0}))
 
 
 def _to_float(image: torch.Tensor, transform: Transform | None) -> torch.Tensor:
@@ -398,9 +410,7 @@ class ImbalancedDataModule(L.LightningDataModule):
         return self._loader("train", self.train_sampler)
 
     def _eval_loader(self, split: str) -> DataLoader:
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        sampler = EvalShardSampler(self.datasets[split]) if distributed else None
-        return self._loader(split, sampler)
+        return self._loader(split, eval_sampler(split, self.datasets[split]))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

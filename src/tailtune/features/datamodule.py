@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tailtune.console import track
-from tailtune.data.datamodule import EvalShardSampler, ImbalancedDataModule
+from tailtune.data.datamodule import ImbalancedDataModule, eval_sampler
 from tailtune.data.info import DatasetInfo
 from tailtune.features.cache import FeatureCache, cache_key, indices_sha256
 from tailtune.features.extractor import FeatureExtractor
@@ -320,9 +320,7 @@ class FeatureDataModule(L.LightningDataModule):
 
     def _eval_loader(self, split: str) -> DataLoader:
         rows = self.features[split]
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        return self._loader(rows, self.eval_batch_size,
-                            EvalShardSampler(rows) if distributed else None)
+        return self._loader(rows, self.eval_batch_size, eval_sampler(split, rows))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
