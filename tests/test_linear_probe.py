@@ -6,6 +6,7 @@ import copy
 import json
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -305,6 +306,14 @@ def test_tau_norm_picks_tau_on_validation_and_stores_it(smoke_cfg, tmp_path,
                                                       abs=1e-6)
     loaded = load_checkpoint_model(run_dir / "checkpoints" / "best.ckpt")
     assert float(loaded.head.tau) == pytest.approx(tau)
+    # "before" on test is the head before the tuned tau, as on val: the same model at tau 0.
+    loaded.head.tau.fill_(0.0)
+    L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+        loaded, datamodule=build_experiment(cfg)[0], verbose=False)
+    before = metrics["posthoc"]["before"]
+    for key in ("bal_acc", "ece"):  # smoke accuracy is near chance; ECE sees the logits' scale
+        assert before["test"][key] == pytest.approx(loaded.test_results[key], abs=1e-5)
+    assert tau == 0.0 or before["test"]["ece"] != pytest.approx(metrics["test"]["ece"], abs=1e-5)
 
 
 def test_lws_learns_only_per_class_scales(smoke_cfg, tmp_path, finetuned_checkpoint):

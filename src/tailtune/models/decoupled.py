@@ -125,6 +125,7 @@ class DecoupledModule(LinearProbeModule):
         self.keep_bias = keep_bias
         self.class_balanced = class_balanced
         self.source_log_prior = source_log_prior
+        self._untuned_tau: float | None = None  # tau_norm: the head's tau before fit_posthoc
         final = final_layer(source_head)
         if method == "tau_norm":
             if not isinstance(final, nn.Linear):
@@ -171,18 +172,33 @@ class DecoupledModule(LinearProbeModule):
         from tailtune.models.base import _calibration
 
         logits, targets = logits.float().cpu(), targets.long().cpu()
-        head: TauNormHead = self.head  # type: ignore[assignment]
         before = _calibration(self.adjust_logits(logits), targets)
-        norms = head.weight.float().cpu().norm(dim=1)
-        bias = head.bias.float().cpu() if self.keep_bias else None
-        current = float(head.tau)
-        dots = (logits - (bias if bias is not None else 0.0)) * norms.pow(current)
+        norms, bias, dots = self._tau_norm_parts(logits)
+        self._untuned_tau = float(self.head.tau)
         tau, bal_acc = adjust.tune_tau_norm(dots, targets, norms, bias)
-        head.tau.fill_(tau)
+        self.head.tau.fill_(tau)
         report = super().fit_posthoc(adjust.tau_norm_logits(dots, norms, tau, bias), targets)
         report.update({"steps": ["tau_norm", *report["steps"]], "val_before": before,
                        "tau_norm": {"tau": tau, "val_bal_acc": bal_acc}})
         return report
+
+    def _tau_norm_parts(self, logits: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The head's weight norms and bias, and the bias-free dot products ``w_i . x`` behind
+        ``logits`` scored at the head's current tau."""
+        head: TauNormHead = self.head  # type: ignore[assignment]
+        norms = head.weight.float().cpu().norm(dim=1)
+        bias = head.bias.float().cpu() if self.keep_bias else None
+        shifted = logits.float().cpu() - (bias if bias is not None else 0.0)
+        return norms, bias, shifted * norms.clamp_min(1e-12).pow(float(head.tau))
+
+    def rescore_test(self, adjustment: tuple[Tensor, Tensor, Tensor]) -> dict[str, float]:
+        """For tau_norm, "before" is also before the tau tuned on val: the test pass ran
+        with it, so its logits are rescored at the head's tau from before the tuning."""
+        if self.method != "tau_norm" or self._untuned_tau is None:
+            return super().rescore_test(adjustment)
+        norms, bias, dots = self._tau_norm_parts(self.test_raw_logits)
+        logits = adjust.tau_norm_logits(dots, norms, self._untuned_tau, bias)
+        return self.score(self.adjust_logits(logits, adjustment), self.test_predictions[0])
 
     def checkpoint_metadata(self) -> dict[str, Any]:
         meta = super().checkpoint_metadata()
