@@ -208,10 +208,11 @@ def test_smote_and_adasyn_change_only_the_training_features(smoke_cfg, name):
     cfg, _ = smoke_cfg("model=linear_probe", f"sampler={name}", "subsample=null")  # k=5 neighbours
     datamodule, _ = build_experiment(cfg)
     cache = FeatureCache(cfg.model.features.cache_dir)
-    for split in ("val", "test"):  # served as cached, row for row
+    for split in ("val", "test"):  # served as cached, row for row (val in its fixed order)
         entry = cache.get(datamodule.cache_report[split]["key"])
-        served = torch.cat([x for x, _ in datamodule._eval_loader(split)])
-        assert torch.equal(served, entry.features.float())
+        loader = datamodule._eval_loader(split)
+        served = torch.cat([x for x, _ in loader])
+        assert torch.equal(served, entry.features.float()[list(loader.sampler)])
     train_x, train_y = datamodule.split_features("train")
     sampler = datamodule.train_sampler
     assert isinstance(sampler, FeatureResampler)
