@@ -89,6 +89,36 @@ def test_the_ensembles_logit_adjustment_removes_only_the_prior_its_members_left(
                                want - want.mean(1, keepdim=True))
 
 
+def test_stacking_leaves_no_prior_for_the_ensembles_logit_adjustment():
+    """Stacking's class-balanced regression has removed the members' prior: tau = 1 on its
+    scores must change nothing (it lowered balanced accuracy 0.900 -> 0.867 when the
+    members' prior was removed again); the soft vote keeps the prior for tau to remove."""
+    from tailtune.data.info import DatasetInfo
+    from tailtune.imbalance.losses import CrossEntropyLoss
+    from tailtune.models.base import ClassifierModule
+    from tailtune.models.ensemble import EnsembleModule
+
+    class Identity(ClassifierModule):
+        def forward(self, x):
+            return x
+
+    counts = (1000, 100, 10)
+    info = DatasetInfo("toy", ("head", "mid", "tail"), counts, "fp", 32)
+    z, y = _logits(k=3)
+    trained = z + torch.tensor(counts, dtype=torch.float).log()  # CE logits carry the prior
+    members = [Identity(info, CrossEntropyLoss(counts)) for _ in range(2)]
+    for combiner, keeps_prior in ((Stacking(), False), (MeanProb(), True)):
+        scores = {}
+        for tau in (0.0, 1.0):
+            ensemble = EnsembleModule(members, ["a", "b"], info, CrossEntropyLoss(counts),
+                                      combiner=combiner, logit_adjust_tau=tau)
+            ensemble.fit_combiner([trained, trained], y)
+            scores[tau] = ensemble.eval_logits(trained)
+        shift = scores[1.0] - scores[0.0]
+        # The same for every class (softmax-invariant): no prior removed.
+        assert torch.allclose(shift, shift[:, :1].expand_as(shift), atol=1e-5) != keeps_prior
+
+
 def test_weighted_with_one_member_at_weight_one_is_that_member():
     members = [_logits(seed=s)[0] for s in range(3)]
     combiner = Weighted(weights=[0.0, 1.0, 0.0])

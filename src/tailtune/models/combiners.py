@@ -54,10 +54,13 @@ def _balanced_accuracy(scores: Tensor, targets: Tensor) -> float:
 
 
 class Combiner:
-    """Base class. ``needs_validation``: it is fitted on validation predictions."""
+    """Base class. ``needs_validation``: it is fitted on validation predictions.
+    ``balances_prior``: its fitted scores carry no class prior (fitted for balanced classes),
+    so an ensemble's logit adjustment has none left to remove."""
 
     name = "combiner"
     needs_validation = False
+    balances_prior = False
 
     def fit(self, val_logits: Sequence[Tensor], val_targets: Tensor) -> Combiner:
         _stack(val_logits)
@@ -255,6 +258,7 @@ class Stacking(Combiner):
     """
 
     name = "stacking"
+    balances_prior = True  # class_weight="balanced"
     needs_validation = True
 
     def __init__(self, C: float = 1.0, folds: int = 5, max_iter: int = 1000,

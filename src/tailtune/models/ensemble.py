@@ -85,7 +85,10 @@ class EnsembleModule(ClassifierModule):
         """The prior left in the combined scores: what each member's own post-hoc step
         ``(z - tau log prior + b) / T`` leaves of its trained prior, averaged in log space
         (exact for ``mean_logit``, and when members agree). Taking the members' trained priors
-        instead would remove a prior that a member with ``tau`` or ``b`` already removed."""
+        instead would remove a prior that a member with ``tau`` or ``b`` already removed.
+        None once a combiner fitted for balanced classes (stacking) has removed it."""
+        if self.combiner_fitted and self.combiner.balances_prior:
+            return torch.zeros(self.info.num_classes).log_softmax(dim=0)
         stacked = torch.stack([m.adjust_logits(m.log_prior.detach().float()).cpu()
                                for m in self.members])
         return stacked.mean(dim=0).log_softmax(dim=0)
@@ -109,6 +112,7 @@ class EnsembleModule(ClassifierModule):
         (cross-fitted for stacking)."""
         self.combiner.fit(val_logits, val_targets)
         self.combiner_fitted = True
+        self.log_prior.copy_(self.members_log_prior().to(self.log_prior))
         return self.combiner.combine_val(val_logits)
 
     # -- joint training -------------------------------------------------------------------
