@@ -177,7 +177,7 @@ def test_finetune_run_tunes_posthoc_on_val_and_its_checkpoint_carries_it(smoke_c
         model.posthoc_tau.zero_()
         model.posthoc_bias.zero_()
         model.posthoc_temperature.fill_(1.0)
-    tester = build_trainer(cfg, run_dir / "untuned", [], loggers=[])
+    tester = build_trainer(cfg, run_dir / "untuned", [], loggers=[], whole_splits=True)
     tester.test(model, datamodule=datamodule, verbose=False)
     for key in ("bal_acc", "ece", "auroc", "macro_f1"):
         assert model.test_results[key] == pytest.approx(report["before"]["test"][key], abs=1e-6)

@@ -172,6 +172,31 @@ def test_trained_prior_follows_sampler_and_loss(smoke_cfg):
         assert torch.allclose(model.trained_log_prior(n), want, atol=1e-5), name
 
 
+@pytest.mark.parametrize("name", ["CrossEntropyLoss", "LogitAdjustedLoss"])
+def test_logit_adjustment_takes_the_smoothing_floor_off_before_the_prior(name):
+    """At the smoothed optimum a confident head-class image has softmax(z) = 0.9 onehot +
+    eps / K: dividing the floor eps / K by the rarest class's prior made it the prediction
+    (head recall 0.018 on a 4-class toy). The floor comes off first; without smoothing the
+    adjustment is z - tau log prior, as before."""
+    from tailtune.data.info import DatasetInfo
+    from tailtune.models.base import ClassifierModule
+
+    counts = np.array([1000.0, 200.0, 40.0, 8.0])
+    info = DatasetInfo("toy", tuple("abcd"), tuple(int(c) for c in counts), "x", 8)
+    for eps in (0.1, 0.0):
+        loss = getattr(losses, name)(counts, label_smoothing=eps, **(
+            {"tau": 0.5} if name == "LogitAdjustedLoss" else {}))
+        model = ClassifierModule(info, loss, logit_adjust_tau=1.0)
+        model.log_prior.copy_(model.trained_log_prior(counts))
+        for label in range(4):
+            z = torch.full((1, 4), eps / 4).index_add_(1, torch.tensor([label]),
+                                                       torch.tensor([[1 - eps]])).log()
+            assert int(model.adjust_logits(z).argmax()) == label, (eps, label)
+        z = torch.randn(8, 4)
+        if eps == 0.0:
+            torch.testing.assert_close(model.adjust_logits(z), z - model.log_prior)
+
+
 @pytest.mark.parametrize(("overrides", "balanced"), [
     (("sampler=over",), True),
     (("loss=balanced_softmax",), True),

@@ -130,10 +130,44 @@ def test_smoothing_under_a_prior_shift_is_minimised_by_the_smoothed_balanced_lab
     z = smoothed.log().requires_grad_(True)
     make(eps)(z, target).backward()
     assert torch.allclose(z.grad, torch.zeros_like(z.grad), atol=1e-7)
-    shift = make(eps).logit_prior_shift().double()
+    training_shift = -make(0.0).logit_prior_shift().double()  # without smoothing: -shift
     old = z.detach().clone().requires_grad_(True)  # the same point under the old smoothing
-    F.cross_entropy(old - shift, target, label_smoothing=eps).backward()
+    F.cross_entropy(old + training_shift, target, label_smoothing=eps).backward()
     assert old.grad.abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("make", [
+    lambda ls: CrossEntropyLoss(COUNTS, label_smoothing=ls),
+    lambda ls: WeightedCrossEntropyLoss(COUNTS, weighting="sqrt_inverse", label_smoothing=ls),
+    lambda ls: BalancedSoftmaxLoss(COUNTS, label_smoothing=ls),
+    lambda ls: LogitAdjustedLoss(COUNTS, tau=0.5, label_smoothing=ls),
+], ids=["ce", "weighted_ce", "balanced_softmax", "logit_adjusted"])
+def test_the_recorded_prior_is_the_one_left_under_the_smoothing_floor(make):
+    """A bias-only model fits the prior exactly: with the floor eps / K taken off its softmax,
+    what is left must be the prior the loss records (q * exp(logit_prior_shift)), which
+    post-hoc logit adjustment removes. Shifted losses with smoothing leave a head lean (the
+    rarest class well under its balanced share), not the unsmoothed q * exp(-shift)."""
+    eps, k = 0.1, len(COUNTS)
+    loss = make(eps)
+    target = torch.repeat_interleave(torch.arange(k), torch.tensor(COUNTS))
+    bias = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([bias], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = loss(bias.expand(len(target), k), target)
+        value.backward()
+        return value
+
+    opt.step(closure)
+    unsmoothed = (bias.detach().softmax(0) - eps / k) / (1 - eps)
+    q = torch.tensor(COUNTS, dtype=torch.float64)
+    recorded = q * loss.logit_prior_shift().double().exp()
+    torch.testing.assert_close(unsmoothed, recorded / recorded.sum(), atol=1e-6, rtol=1e-5)
+    unshifted = q * make(0.0).logit_prior_shift().double().exp()
+    if isinstance(loss, (BalancedSoftmaxLoss, LogitAdjustedLoss)):
+        assert unsmoothed[-1] < 0.75 * unshifted[-1] / unshifted.sum()
 
 
 def test_prior_shifted_smoothing_is_torch_smoothing_when_the_shift_is_uniform(batch):

@@ -52,6 +52,19 @@ Prior shifts and label smoothing
     is carried to the training space by the same shift: ``t ~ smoothed * exp(shift)``. With a
     uniform shift, or ``eps = 0``, it is ``F.cross_entropy``'s smoothing exactly.
 
+Label smoothing and the prior left in the logits
+    With smoothing, ``softmax(z)`` fits ``(1 - eps) * w + eps / K``: a floor of ``eps / K`` on
+    every class over probabilities ``w``. Post-hoc logit adjustment must take the floor off
+    before it divides by a prior (else a rare class's floor, divided by its tiny prior, wins:
+    a confident head-class image is predicted as the rarest class); the model does
+    (:meth:`~tailtune.models.base.ClassifierModule.adjust_logits`). For CE and weighted CE,
+    ``w`` is the posterior under ``q * w_class``. For the shifted losses it is under
+    ``q / Z`` with ``Z_y = (1 - eps) exp(a_y) + (eps / K) sum_c exp(a_c)`` (``a`` the training
+    shift), not ``q * exp(-a)``: the smoothed label carried through the shift weighs a rare
+    class's own images less, so smoothing leaves a lean towards the head (Fashion-MNIST-LT,
+    imbalance ratio 100, eps 0.1: the rarest class at about 1/4 of its balanced weight).
+    :meth:`logit_prior_shift` reports that prior, so ``tau = 1`` removes it.
+
 Per-class buffers are non-persistent: they are recomputed from data + config, and keeping them out
 of ``state_dict`` lets a checkpoint load into a module configured with a different loss.
 """
@@ -143,6 +156,18 @@ def _shifted_cross_entropy(
     smoothed.scatter_add_(1, target[:, None],
                           torch.full_like(smoothed[:, :1], 1.0 - label_smoothing))
     return F.cross_entropy(shifted, torch.softmax(smoothed.log() + shift, dim=1))
+
+
+def _smoothed_prior_shift(shift: Tensor, label_smoothing: float) -> Tensor:
+    """``-log Z`` for training shift ``a``: the log prior shift of the un-smoothed
+    probabilities a shifted loss fits (module docstring); ``-a`` when ``eps = 0``."""
+    shift = shift.detach().float().cpu()
+    if label_smoothing == 0.0:
+        return -shift
+    own = math.log1p(-label_smoothing) + shift if label_smoothing < 1.0 \
+        else torch.full_like(shift, -math.inf)
+    floor = math.log(label_smoothing / shift.numel()) + torch.logsumexp(shift, dim=0)
+    return -torch.logaddexp(own, floor.expand_as(shift))
 
 
 def _weighted_mean(per_sample: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
@@ -469,7 +494,7 @@ class BalancedSoftmaxLoss(ImbalanceLoss):
                          torch.as_tensor(np.log(clamped_counts(counts)), dtype=torch.float32))
 
     def logit_prior_shift(self) -> Tensor:
-        return -self.log_counts.detach().float().cpu()
+        return _smoothed_prior_shift(self.log_counts, self.label_smoothing)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         self._check(logits, target)
@@ -501,7 +526,7 @@ class LogitAdjustedLoss(ImbalanceLoss):
         self._set_buffer("log_prior", _log_prior(counts))
 
     def logit_prior_shift(self) -> Tensor:
-        return -self.tau * self.log_prior.detach().float().cpu()
+        return _smoothed_prior_shift(self.tau * self.log_prior, self.label_smoothing)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         self._check(logits, target)

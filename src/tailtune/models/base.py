@@ -129,8 +129,27 @@ class ClassifierModule(L.LightningModule):
         the model's ``(tau, b, T)`` or those of ``adjustment`` (:meth:`posthoc_adjustment`)."""
         tau, bias, temperature = adjustment if adjustment is not None else (
             self.posthoc_tau, self.posthoc_bias, self.posthoc_temperature)
-        z = logits - tau.to(logits) * self.log_prior.to(logits)
-        return (z + bias.to(logits)) / temperature.to(logits)
+        if float(tau) != 0.0:
+            logits = self.without_smoothing_floor(logits)
+        return self.shift_and_scale(logits, (tau, bias, temperature))
+
+    def shift_and_scale(self, scores: Tensor, adjustment: tuple[Tensor, Tensor, Tensor]
+                        ) -> Tensor:
+        """``(scores - tau log prior + b) / T``: the adjustment's linear part."""
+        tau, bias, temperature = adjustment
+        z = scores - tau.to(scores) * self.log_prior.to(scores)
+        return (z + bias.to(scores)) / temperature.to(scores)
+
+    def without_smoothing_floor(self, logits: Tensor) -> Tensor:
+        """Log-probabilities with label smoothing's floor ``eps / K`` taken off
+        ``softmax(logits)``: dividing the floor by a rare class's prior would make it win
+        (tailtune.imbalance.losses, "Label smoothing and the prior left in the logits").
+        Unchanged without smoothing."""
+        eps = float(getattr(self.criterion, "label_smoothing", 0.0))
+        if eps == 0.0 or eps >= 1.0:
+            return logits
+        probs = logits.float().softmax(dim=1).sub(eps / logits.shape[1]).div(1.0 - eps)
+        return probs.clamp_min(torch.finfo(torch.float32).eps).log().to(logits.dtype)
 
     def posthoc_adjustment(self) -> tuple[Tensor, Tensor, Tensor]:
         """A copy of the current ``(tau, b, T)``: the adjustment before :meth:`fit_posthoc`."""
@@ -335,16 +354,19 @@ class ClassifierModule(L.LightningModule):
                         "cross-fitting shows they help" if self.posthoc_crossfit else "")
         gains = report["crossfit_gain"] = {}
         tau = float(self.posthoc_tau)
+        # tau is tuned on the logits adjust_logits shifts (smoothing's floor off when tau != 0;
+        # at tau = 0 the argmax is the same either way).
+        unsmoothed = self.without_smoothing_floor(logits)
         if "logit_adjust" in self.posthoc:
             def fit_tau(z: Tensor, t: Tensor) -> Callable[[Tensor], Tensor]:
                 tuned, _ = adjust.tune_logit_adjustment(z, t, log_prior)
                 return lambda q: q - tuned * log_prior
 
             untuned = tau
-            if self._adopt("logit_adjust", logits, targets, fit_tau, gains,
+            if self._adopt("logit_adjust", unsmoothed, targets, fit_tau, gains,
                            baseline=lambda q: q - untuned * log_prior):
-                tau, _ = adjust.tune_logit_adjustment(logits, targets, log_prior)
-        z = logits - tau * log_prior
+                tau, _ = adjust.tune_logit_adjustment(unsmoothed, targets, log_prior)
+        z = (unsmoothed if tau != 0.0 else logits) - tau * log_prior
         bias = self.posthoc_bias.float().cpu()
         if "bias" in self.posthoc:
             def fit_bias(z: Tensor, t: Tensor) -> Callable[[Tensor], Tensor]:

@@ -89,8 +89,9 @@ class EnsembleModule(ClassifierModule):
         None once a combiner fitted for balanced classes (stacking) has removed it."""
         if self.combiner_fitted and self.combiner.balances_prior:
             return torch.zeros(self.info.num_classes).log_softmax(dim=0)
-        stacked = torch.stack([m.adjust_logits(m.log_prior.detach().float()).cpu()
-                               for m in self.members])
+        stacked = torch.stack([
+            m.shift_and_scale(m.log_prior.detach().float(), m.posthoc_adjustment()).cpu()
+            for m in self.members])
         return stacked.mean(dim=0).log_softmax(dim=0)
 
     # -- inference ------------------------------------------------------------------------
