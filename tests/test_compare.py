@@ -201,3 +201,19 @@ def test_baseline_option_adds_the_paired_column_and_refuses_an_unknown_one(sweep
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "loss=nope" in err and "loss=focal" in err
+
+
+def test_the_recall_heatmap_lists_classes_in_training_order():
+    """Named classes (Fashion-MNIST's "Ankle boot" last) keep the data's order, not the
+    order of their names' lengths; runs without dataset info fall back to numeric order."""
+    from tailtune.report.compare import ConfigSummary
+    from tailtune.report.plots import class_order
+    from tailtune.report.runs import Run
+
+    names = ["T-shirt", "Trouser", "Ankle boot"]
+    run = Run(Path("r"), "done", metrics={"dataset": {"class_names": names}})
+    summary = ConfigSummary("k", [run], mean={f"recall/{c}": 0.5 for c in names})
+    assert class_order([summary]) == names
+    bare = ConfigSummary("k", [Run(Path("r"), "done")],
+                         mean={f"recall/{c}": 0.5 for c in ("10", "2", "1")})
+    assert class_order([bare]) == ["1", "2", "10"]

@@ -42,10 +42,19 @@ def balanced_accuracy_plot(summaries: list[ConfigSummary], path: Path, title: st
     return _save(figure, path)
 
 
+def class_order(summaries: list[ConfigSummary]) -> list[str]:
+    """The classes with a recall, in the training data's order (``metrics.json``'s dataset);
+    any a run lacks that info for after them, numbers in numeric order."""
+    found = {k.split("/", 1)[1] for s in summaries for k in s.mean if k.startswith("recall/")}
+    trained = next((list(run.metrics["dataset"]["class_names"]) for s in summaries
+                    for run in s.runs if run.metrics.get("dataset", {}).get("class_names")), [])
+    return [c for c in trained if c in found] + sorted(found.difference(trained),
+                                                       key=lambda c: (len(c), c))
+
+
 def recall_heatmap(summaries: list[ConfigSummary], path: Path, title: str = "") -> Path:
     """Mean per-class test recall, configs × classes."""
-    classes = sorted({k.split("/", 1)[1] for s in summaries for k in s.mean
-                      if k.startswith("recall/")}, key=lambda c: (len(c), c))
+    classes = class_order(summaries)
     grid = np.array([[s.mean.get(f"recall/{c}", np.nan) for c in classes] for s in summaries])
     figure = Figure(figsize=(max(6, 0.4 * len(classes) + 3), 0.35 * len(summaries) + 1.5))
     ax = figure.add_subplot()
