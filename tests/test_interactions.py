@@ -195,6 +195,46 @@ def test_logit_adjustment_takes_the_smoothing_floor_off_before_the_prior(name):
         z = torch.randn(8, 4)
         if eps == 0.0:
             torch.testing.assert_close(model.adjust_logits(z), z - model.log_prior)
+    # A checkpoint from before the floor was taken off keeps the adjustment it was tuned with.
+    model.criterion = getattr(losses, name)(counts, label_smoothing=0.1)
+    assert model.has_smoothing_floor
+    model.on_load_checkpoint({"tailtune": {}})
+    assert not model.has_smoothing_floor
+    torch.testing.assert_close(model.adjust_logits(z), z - model.log_prior)
+
+
+def test_only_losses_whose_smoothed_optimum_has_a_floor_take_it_off():
+    counts = [100, 10, 1]
+    floored = [losses.CrossEntropyLoss(counts, label_smoothing=0.1),
+               losses.WeightedCrossEntropyLoss(counts, label_smoothing=0.1),
+               losses.ClassBalancedLoss(counts, base="ce", label_smoothing=0.1),
+               losses.FocalLoss(counts, gamma=0.0, label_smoothing=0.1)]
+    not_floored = [losses.FocalLoss(counts, gamma=2.0, label_smoothing=0.1),
+                   losses.ClassBalancedLoss(counts, base="focal", gamma=1.0,
+                                            label_smoothing=0.1),
+                   losses.LDAMLoss(counts, label_smoothing=0.1)]
+    assert all(loss.smoothing_has_floor for loss in floored)
+    assert not any(loss.smoothing_has_floor for loss in not_floored)
+
+
+def test_an_ensemble_leaves_the_floor_to_its_members_and_warns_when_they_leave_it(caplog):
+    from tailtune.data.info import DatasetInfo
+    from tailtune.models.base import ClassifierModule
+    from tailtune.models.ensemble import EnsembleModule
+
+    class Identity(ClassifierModule):
+        def forward(self, x):
+            return x
+
+    counts = (1000, 100, 10)
+    info = DatasetInfo("toy", ("head", "mid", "tail"), counts, "fp", 32)
+    smoothed = losses.CrossEntropyLoss(counts, label_smoothing=0.1)
+    for member_tau, warned in ((0.0, True), (1.0, False)):
+        members = [Identity(info, smoothed, logit_adjust_tau=member_tau) for _ in range(2)]
+        caplog.clear()
+        ensemble = EnsembleModule(members, ["a", "b"], info, smoothed, logit_adjust_tau=1.0)
+        assert not ensemble.has_smoothing_floor and members[0].has_smoothing_floor
+        assert ("label smoothing" in caplog.text) == warned
 
 
 @pytest.mark.parametrize(("overrides", "balanced"), [

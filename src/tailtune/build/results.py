@@ -26,7 +26,8 @@ def final_metrics(trainer: L.Trainer, model: ClassifierModule, datamodule: L.Lig
     # Whole splits, whatever trainer.limit_val/test_batches say: a limit saves time per epoch,
     # but a reported number (or a post-hoc step tuned on val) of part of a split is wrong,
     # and of a folder's first classes only, where the rows are stored by class.
-    trainer.limit_val_batches = trainer.limit_test_batches = 1.0
+    if not trainer.fast_dev_run:  # debug=fdr: a smoke check, its numbers mean nothing
+        trainer.limit_val_batches = trainer.limit_test_batches = 1.0
     callback = trainer.checkpoint_callback
     best = callback.best_model_path if callback is not None and callback.best_model_path else None
     if model.posthoc_steps:

@@ -215,6 +215,10 @@ class ImbalanceLoss(nn.Module):
 
     uses_prior: ClassVar[bool] = False
     head: ClassVar[str] = "linear"
+    # With label smoothing eps, softmax(z) fits (1 - eps) w + eps / K (module docstring): the
+    # floor post-hoc logit adjustment takes off. Not so under focal's modulation or LDAM's
+    # margins, whose smoothed optimum has no such closed form.
+    smoothing_has_floor: bool = True
 
     def __init__(
         self,
@@ -348,6 +352,7 @@ class FocalLoss(ImbalanceLoss):
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         self.gamma = float(gamma)
+        self.smoothing_has_floor = self.gamma == 0.0  # gamma 0: (weighted) CE
         weight = None
         if alpha is not None:
             if isinstance(alpha, Real) or (isinstance(alpha, Tensor) and alpha.ndim == 0):
@@ -397,6 +402,7 @@ class ClassBalancedLoss(ImbalanceLoss):
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         self.base, self.beta, self.gamma = base, float(beta), float(gamma)
+        self.smoothing_has_floor = base == "ce" or self.gamma == 0.0
         self._set_prior(self.prior_counts(0))
 
     def _set_prior(self, counts: np.ndarray) -> None:
@@ -426,6 +432,7 @@ class LDAMLoss(ImbalanceLoss):
     """
 
     uses_prior = True
+    smoothing_has_floor = False  # its margins move the smoothed optimum
     head = "cosine"
 
     def __init__(

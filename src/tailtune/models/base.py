@@ -19,6 +19,10 @@ POSTHOC_STEPS = ("logit_adjust", "bias", "temperature")
 log = logging.getLogger(__name__)
 
 
+# Checkpoint metadata: the post-hoc adjustment takes label smoothing's floor off (2026-12-03).
+SMOOTHING_FLOOR_KEY = "smoothing_floor_removed"
+
+
 class ClassifierModule(L.LightningModule):
     """Base class: subclasses implement ``forward(images) -> logits`` and the optimizer.
 
@@ -88,6 +92,7 @@ class ClassifierModule(L.LightningModule):
         self.posthoc = self._posthoc_steps(posthoc)
         self.posthoc_crossfit = posthoc_crossfit
         self.register_buffer("posthoc_tau", torch.tensor(float(logit_adjust_tau)))
+        self.remove_smoothing_floor = True  # False for checkpoints older than the floor
         self.register_buffer("posthoc_bias", torch.zeros(info.num_classes))
         self.register_buffer("posthoc_temperature", torch.tensor(1.0))
         # Checkpoints from before these buffers existed load with their defaults.
@@ -129,8 +134,9 @@ class ClassifierModule(L.LightningModule):
         the model's ``(tau, b, T)`` or those of ``adjustment`` (:meth:`posthoc_adjustment`)."""
         tau, bias, temperature = adjustment if adjustment is not None else (
             self.posthoc_tau, self.posthoc_bias, self.posthoc_temperature)
-        if float(tau) != 0.0:
-            logits = self.without_smoothing_floor(logits)
+        unsmoothed = self.without_smoothing_floor(logits)
+        if unsmoothed is not logits:  # only where tau != 0; no host sync on the buffer
+            logits = torch.where(tau.to(logits.device) != 0, unsmoothed, logits)
         return self.shift_and_scale(logits, (tau, bias, temperature))
 
     def shift_and_scale(self, scores: Tensor, adjustment: tuple[Tensor, Tensor, Tensor]
@@ -140,16 +146,27 @@ class ClassifierModule(L.LightningModule):
         z = scores - tau.to(scores) * self.log_prior.to(scores)
         return (z + bias.to(scores)) / temperature.to(scores)
 
+    @property
+    def has_smoothing_floor(self) -> bool:
+        """Whether this model's logits carry label smoothing's floor to take off."""
+        eps = float(getattr(self.criterion, "label_smoothing", 0.0))
+        return (0.0 < eps < 1.0 and self.remove_smoothing_floor
+                and bool(getattr(self.criterion, "smoothing_has_floor", False)))
+
     def without_smoothing_floor(self, logits: Tensor) -> Tensor:
         """Log-probabilities with label smoothing's floor ``eps / K`` taken off
         ``softmax(logits)``: dividing the floor by a rare class's prior would make it win
         (tailtune.imbalance.losses, "Label smoothing and the prior left in the logits").
-        Unchanged without smoothing."""
-        eps = float(getattr(self.criterion, "label_smoothing", 0.0))
-        if eps == 0.0 or eps >= 1.0:
+        Unchanged without smoothing, for losses whose optimum is not ``(1 - eps) w + eps / K``
+        (focal, LDAM), and for checkpoints written before 2026-12-03, whose post-hoc steps
+        were tuned on the smoothed logits."""
+        if not self.has_smoothing_floor:
             return logits
-        probs = logits.float().softmax(dim=1).sub(eps / logits.shape[1]).div(1.0 - eps)
-        return probs.clamp_min(torch.finfo(torch.float32).eps).log().to(logits.dtype)
+        eps, k = float(self.criterion.label_smoothing), logits.shape[1]
+        probs = logits.float().softmax(dim=1).sub(eps / k).div(1.0 - eps)
+        # Below 1 % of the floor a class's share is noise of the fit, not evidence: clamping
+        # there keeps temperature scaling from chasing it (test ECE 0.044 at float32 eps).
+        return probs.clamp_min(0.01 * eps / k / (1.0 - eps)).log().to(logits.dtype)
 
     def posthoc_adjustment(self) -> tuple[Tensor, Tensor, Tensor]:
         """A copy of the current ``(tau, b, T)``: the adjustment before :meth:`fit_posthoc`."""
@@ -410,6 +427,7 @@ class ClassifierModule(L.LightningModule):
         """Plain data describing the model; subclasses add what they own."""
         return {
             "dataset_info": self.info.to_dict(),
+            SMOOTHING_FLOOR_KEY: self.remove_smoothing_floor,
             "logit_adjust_tau": float(self.posthoc_tau),
             "posthoc": {"steps": list(self.posthoc), "tau": float(self.posthoc_tau),
                         "bias": [float(b) for b in self.posthoc_bias],
@@ -418,6 +436,11 @@ class ClassifierModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint.setdefault("tailtune", {}).update(self.checkpoint_metadata())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Written before 2026-12-03: its (tau, b, T) and prior were fitted to smoothed logits.
+        self.remove_smoothing_floor = bool(
+            checkpoint.get("tailtune", {}).get(SMOOTHING_FLOOR_KEY, False))
 
 
 def _calibration(logits: Tensor, targets: Tensor) -> dict[str, float]:

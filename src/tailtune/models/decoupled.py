@@ -182,6 +182,11 @@ class DecoupledModule(LinearProbeModule):
                        "tau_norm": {"tau": tau, "val_bal_acc": bal_acc}})
         return report
 
+    @property
+    def has_smoothing_floor(self) -> bool:
+        # tau_norm's logits are the source head's, rescaled: no floor of this run's loss.
+        return self.method != "tau_norm" and super().has_smoothing_floor
+
     def _tau_norm_parts(self, logits: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         """The head's weight norms and bias, and the bias-free dot products ``w_i . x`` behind
         ``logits`` scored at the head's current tau."""

@@ -23,6 +23,7 @@ out, as alone), each member's metadata, and the combiner's fitted state as plain
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -32,6 +33,8 @@ from torch import Tensor, nn
 from tailtune.data.info import DatasetInfo
 from tailtune.models.base import ClassifierModule
 from tailtune.models.combiners import Combiner, MeanProb
+
+log = logging.getLogger(__name__)
 
 TRAINING_MODES = ("sequential", "joint")
 SPLITS = ("val", "test")
@@ -76,6 +79,7 @@ class EnsembleModule(ClassifierModule):
         # Joint: one optimizer per member, stepped together.
         self.automatic_optimization = training != "joint"
         self.log_prior.copy_(self.members_log_prior())
+        self._warn_smoothed_members()
         # Per split, each batch's member logits and targets while assessing (else None).
         self._assessing: dict[str, list[tuple[list[Tensor], Tensor]]] | None = None
         self._report: dict[str, Any] = {}
@@ -86,13 +90,30 @@ class EnsembleModule(ClassifierModule):
         ``(z - tau log prior + b) / T`` leaves of its trained prior, averaged in log space
         (exact for ``mean_logit``, and when members agree). Taking the members' trained priors
         instead would remove a prior that a member with ``tau`` or ``b`` already removed.
-        None once a combiner fitted for balanced classes (stacking) has removed it."""
+        Uniform once a combiner fitted for balanced classes (stacking) has removed it."""
         if self.combiner_fitted and self.combiner.balances_prior:
             return torch.zeros(self.info.num_classes).log_softmax(dim=0)
         stacked = torch.stack([
             m.shift_and_scale(m.log_prior.detach().float(), m.posthoc_adjustment()).cpu()
             for m in self.members])
         return stacked.mean(dim=0).log_softmax(dim=0)
+
+    @property
+    def has_smoothing_floor(self) -> bool:
+        # Combined scores are no smoothed model's softmax: each member takes its own floor off
+        # (where its tau is not 0); the ensemble's own loss says nothing about the members'.
+        return False
+
+    def _warn_smoothed_members(self) -> None:
+        if float(self.posthoc_tau) == 0.0 and "logit_adjust" not in self.posthoc:
+            return
+        smoothed = [name for name, m in zip(self.member_names, self.members, strict=True)
+                    if m.has_smoothing_floor and float(m.posthoc_tau) == 0.0]
+        if smoothed:
+            log.warning("members %s were trained with label smoothing and adjust no prior "
+                        "themselves: the ensemble's logit adjustment divides their smoothing "
+                        "floor by the prior, which favours rare classes; give the members "
+                        "model.logit_adjust_tau=1 instead", ", ".join(smoothed))
 
     # -- inference ------------------------------------------------------------------------
     def member_logits(self, images: Tensor) -> list[Tensor]:
@@ -281,6 +302,7 @@ class EnsembleModule(ClassifierModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("tailtune", {})
+        super().on_load_checkpoint(checkpoint)
         state = meta.get("combiner")
         if state:
             self.combiner.load_state(state)

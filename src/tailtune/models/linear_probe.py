@@ -208,6 +208,7 @@ class LinearProbeModule(ClassifierModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a backbone other than the one the head was trained on."""
+        super().on_load_checkpoint(checkpoint)
         stored = checkpoint.get("tailtune", {}).get("backbone", {}).get("sha256")
         current = self.backbone_identity.get("sha256")
         if stored and stored != current:
