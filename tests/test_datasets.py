@@ -19,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from helpers import assert_test_metrics_match_sklearn, compose_config, run_cli
+from helpers import compose_config, run_cli
 from tailtune.data import images as images_module
 from tailtune.data.benchmarks import CifarSource, FashionMnistSource, read_idx
 from tailtune.data.datamodule import ImbalancedDataModule
@@ -251,14 +251,15 @@ def test_a_file_that_is_not_idx_is_refused(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_lt_trains_offline(tmp_path):
+    # test=false: the final passes score whole splits, and 10,000 test images would add a
+    # minute; the metrics' agreement with scikit-learn is checked on the other datasets.
     result = run_cli("tailtune-train", "data=fashion_mnist_lt", "debug=smoke", "subsample=null",
-                     "data.source.download=false", cwd=tmp_path)
+                     "data.source.download=false", "test=false", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads(next((tmp_path / "logs").rglob("metrics.json")).read_text())
     assert metrics["dataset"]["class_counts"][0] == 5880  # 6,000 less the 2% balanced val
     assert metrics["dataset"]["class_counts"][-1] == 58
-    assert_test_metrics_match_sklearn(next((tmp_path / "logs").rglob("metrics.json")).parent,
-                                      metrics)
+    assert 0.0 <= metrics["val"]["bal_acc"] <= 1.0 and "test" not in metrics
 
 
 # -- image folders ----------------------------------------------------------------------------
