@@ -89,6 +89,7 @@ def test_tensorboard_gets_hparams_at_start_and_final_metrics_once(smoke_run):
     assert not {n for n in names if n.startswith("choice/local")}  # no local config exists
 
 
+@pytest.mark.slow  # a CLI run end to end (pyproject's marker)
 def test_eval_ends_with_the_test_table_of_its_own_metrics(smoke_run, tmp_path):
     _, run_dir = smoke_run
     result = run_cli("tailtune-eval", f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}",
@@ -103,6 +104,7 @@ def test_eval_ends_with_the_test_table_of_its_own_metrics(smoke_run, tmp_path):
     _assert_results_table(result.stdout, metrics, eval_dir)
 
 
+@pytest.mark.slow  # a CLI run end to end (pyproject's marker)
 def test_a_failed_run_names_its_dir_and_one_reason(tmp_path):
     from PIL import Image
 

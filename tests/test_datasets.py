@@ -555,6 +555,7 @@ def test_transform_options_compose_and_reach_the_training_set_only(tmp_path, opt
 
 
 # -- the command line -------------------------------------------------------------------------
+@pytest.mark.slow  # a CLI run end to end (pyproject's marker)
 def test_a_broken_image_fails_the_cli_before_training_in_one_line(tmp_path):
     write_digit_folder(tmp_path / "data", {"train": {0: 5, 1: 5}})
     _truncated_jpeg(tmp_path / "data" / "train" / "1" / "cut.jpg")
