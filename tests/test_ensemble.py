@@ -61,14 +61,11 @@ def test_the_ensembles_logit_adjustment_removes_only_the_prior_its_members_left(
     """Members that adjust their own logits (tau, or temperature scaling as lt_recipe does)
     hand the ensemble logits with less prior, or a scaled one, left in them: logit
     adjustment at tau = 1 on the ensemble must give the balanced members' logits."""
+    from helpers.models import Identity
     from tailtune.data.info import DatasetInfo
     from tailtune.imbalance.losses import CrossEntropyLoss
-    from tailtune.models.base import ClassifierModule
     from tailtune.models.ensemble import EnsembleModule
 
-    class Identity(ClassifierModule):  # its "images" are its logits
-        def forward(self, x):
-            return x
 
     counts = (1000, 100, 10)
     info = DatasetInfo("toy", ("head", "mid", "tail"), counts, "fp", 32)
@@ -93,14 +90,11 @@ def test_stacking_leaves_no_prior_for_the_ensembles_logit_adjustment():
     """Stacking's class-balanced regression has removed the members' prior: tau = 1 on its
     scores must change nothing (it lowered balanced accuracy 0.900 -> 0.867 when the
     members' prior was removed again); the soft vote keeps the prior for tau to remove."""
+    from helpers.models import Identity
     from tailtune.data.info import DatasetInfo
     from tailtune.imbalance.losses import CrossEntropyLoss
-    from tailtune.models.base import ClassifierModule
     from tailtune.models.ensemble import EnsembleModule
 
-    class Identity(ClassifierModule):
-        def forward(self, x):
-            return x
 
     counts = (1000, 100, 10)
     info = DatasetInfo("toy", ("head", "mid", "tail"), counts, "fp", 32)

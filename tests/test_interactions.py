@@ -218,13 +218,9 @@ def test_only_losses_whose_smoothed_optimum_has_a_floor_take_it_off():
 
 
 def test_an_ensemble_leaves_the_floor_to_its_members_and_warns_when_they_leave_it(caplog):
+    from helpers.models import Identity
     from tailtune.data.info import DatasetInfo
-    from tailtune.models.base import ClassifierModule
     from tailtune.models.ensemble import EnsembleModule
-
-    class Identity(ClassifierModule):
-        def forward(self, x):
-            return x
 
     counts = (1000, 100, 10)
     info = DatasetInfo("toy", ("head", "mid", "tail"), counts, "fp", 32)

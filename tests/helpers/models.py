@@ -1,5 +1,6 @@
-"""A transfer approach of the tests' own: a module and a config are all it takes
-(tests/test_build.py builds and trains it through the build layer, which knows nothing of it)."""
+"""Modules of the tests' own. PlainProbe is a transfer approach: a module and a config are all
+it takes (tests/test_build.py builds and trains it through the build layer, which knows nothing
+of it). Identity's "images" are its logits, for checks of the post-hoc and ensemble maths."""
 
 from __future__ import annotations
 
@@ -31,3 +32,10 @@ class PlainProbe(ClassifierModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.head.parameters(), lr=self.lr)
+
+
+class Identity(ClassifierModule):
+    """Its inputs are its logits."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
