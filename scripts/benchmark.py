@@ -240,10 +240,11 @@ def recipe(root: Path, data: str, repeats: int, epochs: int) -> dict[str, Any]:
         marks = []
         for epoch in range(epochs):
             marks.append(time.perf_counter())
-            plain.train()  # BatchNorm keeps its pretrained statistics, as in the recipe
-            for module in plain.backbone.modules():
-                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            plain.train()  # BatchNorm statistics as the recipe sets them (adapting or frozen)
+            if plain.bn_after_unfreeze == "frozen":
+                for module in plain.backbone.modules():
+                    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                        module.eval()
             for images, targets in datamodule.train_dataloader():
                 mixed, partner, lam = (plain.mix(images, targets) if plain.mix is not None
                                        else (images, targets, 1.0))
