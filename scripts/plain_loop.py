@@ -2,7 +2,7 @@
 what tailtune's recipe adds on the same data.
 
     .venv/bin/python scripts/plain_loop.py data=fashion_mnist_lt backbone.image_size=64 \\
-        --epochs 5 --lr 1e-3 --loss balanced_softmax --seed 1 --out logs/plain_loop/fmnist_s1
+        transforms=flip --epochs 5 --lr 3e-3 --seed 1 --out logs/plain_loop/fmnist_s1
 
 Only the data (the same splits and images that `tailtune-train` serves, with the same Hydra
 overrides: data, backbone, transforms) and the pretrained backbone come from tailtune; the
@@ -58,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="tailtune config overrides (data, backbone)")
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-3, help="3e-3 measured best of 3e-4, 1e-3, 3e-3")
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--loss", choices=("ce", "balanced_softmax"), default="balanced_softmax")
     parser.add_argument("--seed", type=int, default=1)

@@ -85,6 +85,27 @@ def test_backbone_is_bit_identical_until_unfreeze_then_changes(smoke_cfg, tmp_pa
     assert snaps.lrs[0][1] == 0.0 and snaps.lrs[1][1] == 0.0 and snaps.lrs[2][1] > 0.0
 
 
+def test_recipe_trains_the_whole_network_from_the_first_step_at_the_head_lr(smoke_cfg, tmp_path):
+    """experiment=lt_recipe's first ingredient: no frozen head epoch, the backbone at the
+    head's lr, and BatchNorm statistics re-estimated on the new images from the start."""
+    from helpers import compose_config
+
+    preset = compose_config("train", ["experiment=lt_recipe"], tmp_path / "preset")[0].model
+    # debug=smoke holds the backbone for an epoch; put back the preset's own values.
+    cfg, _ = smoke_cfg("experiment=lt_recipe", "trainer.max_epochs=2", "model.lr=0.01",
+                       f"model.unfreeze_at={preset.unfreeze_at}")
+    assert cfg.model.backbone_lr_ratio == 1.0 and cfg.model.bn_after_unfreeze == "train"
+    snaps = Snapshots()
+    fit(cfg, tmp_path / "run", [snaps])
+    first = snaps.backbone[0]
+    weights = [k for k in first if k.endswith("weight") and "bn" not in k]
+    assert any(not torch.equal(snaps.initial[k], first[k]) for k in weights)
+    stats = [k for k in first if k.endswith("running_mean")]
+    assert any(not torch.equal(snaps.initial[k], first[k]) for k in stats)
+    assert all(len(set(lrs)) == 1 for lrs in snaps.lrs)  # head and backbone groups alike
+    assert snaps.lrs[-1][0] > 0.0
+
+
 def test_train_stages_limits_what_unfreezes(smoke_cfg, tmp_path):
     cfg, _ = smoke_cfg("model.train_stages=1", "model.lr=0.01")
     snaps = Snapshots()
