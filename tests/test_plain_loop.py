@@ -1,0 +1,50 @@
+"""scripts/plain_loop.py, the baseline a user writes: it scores the same test images that
+tailtune serves, and tailtune-compare reads its runs beside tailtune's with a paired interval."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import balanced_accuracy_score
+
+from tailtune.cli.train import train
+from tailtune.report.compare import summarize
+from tailtune.report.runs import find_runs
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "plain_loop.py"
+
+
+def test_loop_runs_compare_paired_with_tailtune_runs(smoke_cfg, tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    cfg, choices = smoke_cfg("experiment=lt_plain", "trainer.limit_test_batches=1.0", "seed=1",
+                             name="runs/tailtune")
+    train(cfg, choices)
+    loop_dir = root / "loop"
+    monkeypatch.setattr(sys, "argv", ["plain_loop.py", "debug=smoke", "--epochs", "1",
+                                      "--seed", "1", "--out", str(loop_dir)])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+
+    metrics = json.loads((loop_dir / "metrics.json").read_text())
+    with np.load(loop_dir / "test_predictions.npz") as saved:
+        targets, probs = saved["targets"], saved["probs"]
+    assert probs.shape == (len(targets), 10)  # digits
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert {"macro_f1", "few_acc", "ece"} <= set(metrics["test"])  # tailtune's metric set
+    assert metrics["test"]["bal_acc"] == pytest.approx(
+        balanced_accuracy_score(targets, probs.argmax(1)))
+
+    runs = find_runs(root)
+    assert sorted(r.status for r in runs) == ["done", "done"]
+    summaries = {s.key: s for s in summarize(runs, n_boot=50, baseline="loop=plain")}
+    loop = next(s for k, s in summaries.items() if "loop=plain" in k)
+    tailtune = next(s for k, s in summaries.items() if "loop=plain" not in k)
+    # Same test images (summarize raises otherwise), so the paired difference is defined.
+    point, low, high = tailtune.delta
+    expected = tailtune.mean["bal_acc"] - loop.mean["bal_acc"]
+    assert point == pytest.approx(expected) and low <= point <= high
+    assert loop.mean["wall_s"] > 0
