@@ -9,7 +9,7 @@ overrides: data, backbone, transforms) and the pretrained backbone come from tai
 training is one plain loop: the whole network trains from the first step at one lr (AdamW,
 cosine with a one-epoch warmup), BatchNorm in train mode, the last epoch's weights scored (no
 checkpoint selection, no test-time tricks). It writes what a tailtune run leaves for
-`tailtune-compare` (metrics.json with test and val balanced accuracy by scikit-learn and the
+`tailtune-compare` (metrics.json with tailtune's test metrics, val balanced accuracy and the
 loop's settings as overrides, test_predictions.npz, timings.json, status.json), so a dir of
 loop runs and tailtune runs on the same data compares in one table, with paired intervals.
 """
