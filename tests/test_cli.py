@@ -24,7 +24,7 @@ from tailtune.cli.evaluate import evaluate
 from tailtune.cli.train import train
 
 GROUPS = ["data", "transforms", "backbone", "model", "combiner", "sampler", "loss", "trainer",
-          "logger", "callbacks", "launcher", "debug", "experiment", "hparams_search"]
+          "logger", "callbacks", "launcher", "debug", "experiment", "ablation", "hparams_search"]
 
 
 def _options(group: str) -> list[str]:
