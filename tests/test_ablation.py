@@ -3,6 +3,8 @@ names, nothing else, and is the same config as the plain overrides the README's 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -46,8 +48,6 @@ ABLATIONS = {
 
 
 def test_every_ablation_option_is_listed_here():
-    from pathlib import Path
-
     shipped = {p.stem for p in (Path(CONFIG_DIR) / "ablation").glob("*.yaml")}
     assert shipped == set(ABLATIONS)
 
