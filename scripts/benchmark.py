@@ -464,6 +464,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="keep runs here (default: tmp)")
     args = parser.parse_args()
 
+    from tailtune import console
+
+    console.setup()  # Lightning's chatter filtered as in a run, so the repeats stay readable
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
