@@ -18,6 +18,10 @@ Scenarios and their goals:
   with sklearn's balanced accuracy and a torch.save of model and optimizer each epoch). Median
   epoch time (epoch start to next epoch start, validation included), interleaved repeats.
   Goal: <= 1.10.
+- allocator: lite0 train steps (channels_last, AdamW) in a process that keeps freed memory
+  (keep_freed_memory, every tailtune run's default) vs one on glibc's default allocator, at
+  the recipe's digits (96 px, batch 32) and Fashion-MNIST-LT (64 px, batch 128) shapes.
+  Median step time, separate processes, interleaved repeats. Reported as a speedup.
 - cache: a linear probe with cached features vs the backbone run every step, whole runs,
   interleaved (scripts/benchmark_linear_probe.py's functions).
 - sweep: a 4 samplers x 5 losses linear-probe sweep on the default data with the feature
@@ -53,7 +57,7 @@ from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIOS = ("overhead", "recipe", "memory", "cache", "sweep")
+SCENARIOS = ("overhead", "recipe", "allocator", "memory", "cache", "sweep")
 GOALS = {"overhead_ratio": 1.05, "recipe_ratio": 1.10, "sweep_s": 600.0, "memory_gib": 3.0}
 
 
@@ -122,8 +126,8 @@ def gaps(marks: list[float]) -> list[float]:
     return [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
 
-def interleave(name: str, repeats: int, tailtune: Any, plain: Any, unit: str = "ms"
-               ) -> list[dict[str, float]]:
+def interleave(name: str, repeats: int, tailtune: Any, plain: Any, unit: str = "ms",
+               labels: tuple[str, str] = ("tailtune", "plain")) -> list[dict[str, float]]:
     """Median of ``tailtune(run)`` and ``plain(run)`` (lists of times) per repeat, the two
     interleaved in alternating order so that drifts of a shared machine hit both alike."""
     scale = 1e3 if unit == "ms" else 1.0
@@ -136,9 +140,9 @@ def interleave(name: str, repeats: int, tailtune: Any, plain: Any, unit: str = "
                                                  else plain(run))
         result["ratio"] = result["lightning"] / result["plain"]
         per_repeat.append(result)
-        print(f"  {name} repeat {run + 1}/{repeats}: tailtune "
-              f"{result['lightning'] * scale:7.2f} {unit}  plain {result['plain'] * scale:7.2f} "
-              f"{unit}  ratio {result['ratio']:.3f}", flush=True)
+        print(f"  {name} repeat {run + 1}/{repeats}: {labels[0]} "
+              f"{result['lightning'] * scale:7.2f} {unit}  {labels[1]} "
+              f"{result['plain'] * scale:7.2f} {unit}  ratio {result['ratio']:.3f}", flush=True)
     return per_repeat
 
 
@@ -202,6 +206,55 @@ def overhead(root: Path, repeats: int, steps: int, warmup: int) -> dict[str, Any
             "lightning_step_s": lightning, "plain_step_s": plain, "ratio": lightning / plain,
             "ratio_median_of_repeats": statistics.median(r["ratio"] for r in per_repeat),
             "per_repeat": per_repeat, "goal": GOALS["overhead_ratio"]}
+
+
+# -- the allocator ------------------------------------------------------------------------------
+# Train steps of lite0 in a fresh process: glibc's settings hold for a whole process.
+ALLOCATOR_STEPS = """
+import json, sys, time
+import timm, torch
+from tailtune.allocator import keep_freed_memory
+mode, size, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+if mode == "keep":
+    keep_freed_memory()
+torch.manual_seed(0)
+model = timm.create_model("tf_efficientnet_lite0", num_classes=10)
+model.to(memory_format=torch.channels_last)
+optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+y = torch.randint(0, 10, (batch,))
+marks = []
+for _ in range(steps + 3):
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    marks.append(time.perf_counter())
+print(json.dumps([b - a for a, b in zip(marks[2:], marks[3:])]))
+"""
+
+
+def allocator(repeats: int, steps: int) -> dict[str, Any]:
+    shapes = {"digits": (96, 32), "fashion_mnist_lt": (64, 128)}  # the recipe's px, batch
+    report: dict[str, Any] = {"repeats": repeats, "steps": steps}
+
+    def steps_in(mode: str, size: int, batch: int) -> list[float]:
+        out = subprocess.run([sys.executable, "-c", ALLOCATOR_STEPS, mode, str(size),
+                              str(batch), str(steps)], capture_output=True, text=True,
+                             check=True)
+        return json.loads(out.stdout.splitlines()[-1])
+
+    for name, (size, batch) in shapes.items():
+        per_repeat = interleave(f"allocator {name}", repeats,
+                                lambda run, s=size, b=batch: steps_in("keep", s, b),
+                                lambda run, s=size, b=batch: steps_in("default", s, b),
+                                labels=("kept", "glibc default"))
+        kept = statistics.median(r["lightning"] for r in per_repeat)
+        default = statistics.median(r["plain"] for r in per_repeat)
+        report[name] = {"image_size": size, "batch_size": batch, "kept_step_s": kept,
+                        "default_step_s": default, "speedup": default / kept,
+                        "per_repeat": per_repeat}
+    return report
 
 
 # -- the recipe, whole epochs -------------------------------------------------------------------
@@ -422,6 +475,14 @@ def table(report: dict[str, Any]) -> str:
                      f"{r['ratio']:.3f}x ({r['tailtune_epoch_s']:.2f} vs "
                      f"{r['plain_epoch_s']:.2f} s/epoch)",
                      f"<= {r['goal']:.2f}x", mark(r["ratio"] <= r["goal"])))
+    if "allocator" in report:
+        a = report["allocator"]
+        rows.append((f"Allocator, freed memory kept (lite0 train step, median of "
+                     f"{a['repeats']})",
+                     ", ".join(f"{a[k]['speedup']:.2f}x faster at {a[k]['image_size']} px "
+                               f"batch {a[k]['batch_size']} ({a[k]['kept_step_s']*1e3:.0f} vs "
+                               f"{a[k]['default_step_s']*1e3:.0f} ms)"
+                               for k in ("digits", "fashion_mnist_lt")), "-", ""))
     if "cache" in report:
         c = report["cache"]
         if isinstance(c, str):
@@ -465,8 +526,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from tailtune import console
+    from tailtune.allocator import keep_freed_memory
 
     console.setup()  # Lightning's chatter filtered as in a run, so the repeats stay readable
+    keep_freed_memory()  # as every tailtune run does; both sides of each ratio share it
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -488,6 +551,9 @@ def main() -> None:
         print(f"== recipe epochs ({args.recipe_data})", flush=True)
         report["recipe"] = recipe(root, args.recipe_data, repeats=3 if quick else 5,
                                   epochs=4 if quick else 5)
+    if "allocator" in args.only:
+        print("== allocator: freed memory kept vs glibc's default", flush=True)
+        report["allocator"] = allocator(repeats=3 if quick else 5, steps=6 if quick else 12)
     if "memory" in args.only:
         print("== peak memory of the default training run", flush=True)
         # --quick: 4 epochs, so the backbone unfreezes (epoch 3) and its optimizer state exists.

@@ -30,6 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 from sklearn.metrics import balanced_accuracy_score
 
+from tailtune.allocator import keep_freed_memory
 from tailtune.build.data import build_datamodule
 from tailtune.cli.config import register_resolvers
 from tailtune.metrics import ImbalancedClassificationMetrics
@@ -66,10 +67,15 @@ def main() -> None:
     parser.add_argument("--loss", choices=("ce", "balanced_softmax"), default="balanced_softmax")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="glibc's default allocator; by default freed memory is kept, as in "
+                             "a tailtune run (keep_freed_memory), so the two compare as methods")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.system_malloc:
+        keep_freed_memory()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
@@ -111,7 +117,8 @@ def main() -> None:
     wall_s = time.perf_counter() - started
     # The files a tailtune run leaves, so tailtune-compare reads a loop run beside them (its
     # config named by the loop's settings that differ from the defaults).
-    loop = [f"loop.{k}={getattr(args, k)}" for k in ("epochs", "lr", "weight_decay", "loss")
+    loop = [f"loop.{k}={getattr(args, k)}"
+            for k in ("epochs", "lr", "weight_decay", "loss", "system_malloc")
             if k == "epochs" or getattr(args, k) != parser.get_default(k)]
     metrics = {
         "val": {"bal_acc": balanced_accuracy_score(val_true.numpy(), val_logits.argmax(1).numpy())},

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig
 
+from tailtune.allocator import keep_freed_memory
 from tailtune.build.config import option_exists, plain_config
 from tailtune.callbacks import CheckpointConfig, EpochReseed, PreemptionCheckpoint, SamplerEpoch
 
@@ -139,10 +140,13 @@ _DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE
 _DDP_ENV_AT_START = {key: os.environ.get(key) for key in _DDP_ENV}
 
 
-def set_threads(cfg: DictConfig) -> None:
-    """torch threads for this process (``threads``; null keeps torch's default)."""
+def configure_process(cfg: DictConfig) -> None:
+    """torch threads for this process (``threads``; null keeps torch's default), and glibc's
+    allocator keeping freed memory (``keep_freed_memory``; tailtune.allocator says why)."""
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    if cfg.get("keep_freed_memory"):
+        keep_freed_memory()
 
 
 def reset_process_state(cfg: DictConfig) -> None:
@@ -153,7 +157,7 @@ def reset_process_state(cfg: DictConfig) -> None:
             os.environ.pop(key, None)  # else the next DDP job thinks its ranks already exist
         else:
             os.environ[key] = value
-    set_threads(cfg)
+    configure_process(cfg)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Lightning leaves the previous job's process group up; a new DDP job would reuse it
         # and talk to ranks that have exited.

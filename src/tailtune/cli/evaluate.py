@@ -28,7 +28,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from tailtune.run_record import RunRecord
 
     console.setup()
-    trainer.set_threads(cfg)
+    trainer.configure_process(cfg)
     if (cfg.get("model") or {}).get("_target_"):  # model=ensemble model.checkpoints=[...]
         return evaluate_ensemble(cfg)
     checkpoint = checkpoints.read_checkpoint(cfg.ckpt_path)

@@ -36,12 +36,12 @@ def predict(cfg: DictConfig) -> dict:
 
     from tailtune.build.checkpoints import read_checkpoint
     from tailtune.build.models import model_from_checkpoint
-    from tailtune.build.trainer import choose_device, set_threads
+    from tailtune.build.trainer import choose_device, configure_process
     from tailtune.data.folders import list_inputs
     from tailtune.data.images import ImageFiles
     from tailtune.run_record import RunRecord
 
-    set_threads(cfg)
+    configure_process(cfg)
     checkpoint = read_checkpoint(cfg.ckpt_path)
     files, labels = list_inputs(str(cfg.input))
     run_dir = Path(cfg.paths.output_dir)

@@ -291,6 +291,7 @@ def optimized_metric_problem(name: Any) -> str | None:
 Table = Mapping[str, Spec]
 
 THREADS = Int(1, null=True, null_means="torch's default")
+PROCESS: Table = {"threads": THREADS, "keep_freed_memory": BOOL}
 TRAIN: Table = {
     "task_name": TEXT,
     "seed": SEED,
@@ -299,7 +300,7 @@ TRAIN: Table = {
     "test": BOOL,
     "resume": choice("auto", "never", null=True, null_means="never resume"),
     "requeue_signal": Text(null=True),
-    "threads": THREADS,
+    **PROCESS,
     "correct_prior_for_sampler": BOOL,
     "subsample": Int(1, null=True, null_means="all images"),  # debug=smoke: 64
 }
@@ -307,7 +308,7 @@ EVAL: Table = {
     "task_name": TEXT,
     "ckpt_path": Text(null=True),  # required unless model=ensemble model.checkpoints=[...]
     "split": choice("test", "val"),
-    "threads": THREADS,
+    **PROCESS,
     "subsample": Int(1, null=True, null_means="the checkpoint's own"),  # set by debug=smoke
 }
 PREDICT: Table = {
@@ -318,7 +319,7 @@ PREDICT: Table = {
     "batch_size": Int(1),
     "num_workers": Int(0),
     "device": DEVICE,
-    "threads": THREADS,
+    **PROCESS,
 }
 TOP: dict[str, Table] = {"train": TRAIN, "eval": EVAL, "predict": PREDICT}
 # Required or not depending on other keys, checked there (config._cross_key_problems):
