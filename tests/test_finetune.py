@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -159,45 +158,3 @@ def test_lr_schedule_and_gradients_across_the_unfreeze_boundary(smoke_cfg, tmp_p
     assert snaps.lrs[1][1] == 0.0 and snaps.lrs[2][1] == pytest.approx(0.01 * 0.25 / 2)
     assert snaps.lrs[3][1] == pytest.approx(0.01 * 0.25)  # after warm-up: lr * ratio
     assert grads.backbone_grad == {0: False, 1: False, 2: True, 3: True}
-
-
-class CheckpointFiles(L.Callback):
-    """After each epoch's checkpoints (read at the next epoch's start, since checkpoint
-    callbacks run last): last.ckpt's bytes, epoch, and the best score it holds, and whether
-    best_so_far.ckpt was rewritten in that epoch."""
-
-    def __init__(self) -> None:
-        self.epochs: list[dict] = []
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch > 0:
-            self.read(trainer)
-
-    def on_train_end(self, trainer, pl_module):
-        self.read(trainer)
-
-    def read(self, trainer):
-        folder = trainer.checkpoint_callback.dirpath
-        last, best = Path(folder) / "last.ckpt", Path(folder) / "best_so_far.ckpt"
-        state = torch.load(last, weights_only=False)
-        scores = [s["best_model_score"] for k, s in state["callbacks"].items()
-                  if "val/bal_acc" in k]
-        self.epochs.append({"same_bytes": last.read_bytes() == best.read_bytes(),
-                            "epoch": state["epoch"], "best_score": float(scores[0]),
-                            "score_now": float(trainer.checkpoint_callback.best_model_score),
-                            "best_written": trainer.checkpoint_callback._last_global_step_saved
-                            == trainer.global_step})
-
-
-def test_last_checkpoint_is_current_every_epoch_and_a_copy_when_best_was_written(
-        smoke_cfg, tmp_path):
-    cfg, _ = smoke_cfg("trainer.max_epochs=4", "model.unfreeze_at=0")
-    files = CheckpointFiles()
-    fit(cfg, tmp_path / "run", [files])
-    assert [e["epoch"] for e in files.epochs] == [0, 1, 2, 3]  # written every epoch
-    # Both paths taken: a copy (epoch 0 is always the best so far), and a save of its own.
-    assert files.epochs[0]["best_written"]
-    assert any(not e["best_written"] for e in files.epochs)
-    for e in files.epochs:
-        assert e["same_bytes"] == e["best_written"]  # copied exactly when best was written
-        assert e["best_score"] == e["score_now"]  # with the best callback's updated state

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import shutil
 import signal
 import subprocess
 import threading
@@ -15,7 +14,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 
@@ -101,41 +99,6 @@ class CheckpointConfig(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         checkpoint.setdefault("tailtune", {})["config"] = self.config
-
-
-class LastCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` after every epoch, for resume (``monitor=None``).
-
-    In an epoch where the best-checkpoint callback has just written its file, this one copies
-    that file instead of serialising the same state a second time: on short epochs (digits,
-    3.5 s) the second full write was 4 % of the time. It only copies a file written before it
-    at the same step, in full (not weights only), so what ``last.ckpt`` holds is unchanged,
-    the best callback's updated state included.
-    """
-
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        source = self._written_at_this_step(trainer)
-        if source is None:
-            super()._save_checkpoint(trainer, filepath)
-            return
-        if trainer.is_global_zero:
-            partial = f"{filepath}.partial"  # a kill mid-copy never leaves a torn last.ckpt
-            shutil.copyfile(source, partial)
-            os.replace(partial, filepath)
-        trainer.strategy.barrier()
-        # What ModelCheckpoint._save_checkpoint records after a save of its own.
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
-
-    def _written_at_this_step(self, trainer: L.Trainer) -> str | None:
-        for other in trainer.checkpoint_callbacks:
-            if other is self or not isinstance(other, ModelCheckpoint) or other.save_weights_only:
-                continue
-            path = getattr(other, "_last_checkpoint_saved", None)  # Lightning >= 2.2
-            if (getattr(other, "_last_global_step_saved", None) == trainer.global_step
-                    and path and os.path.isfile(path)):
-                return str(path)
-        return None
 
 
 class PreemptionCheckpoint(L.Callback):
