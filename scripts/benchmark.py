@@ -293,7 +293,9 @@ def recipe(root: Path, data: str, repeats: int, epochs: int) -> dict[str, Any]:
         marks = []
         for epoch in range(epochs):
             marks.append(time.perf_counter())
-            plain.train()  # BatchNorm statistics as the recipe sets them (adapting or frozen)
+            # The module's own train() freezes the backbone outside a Trainer (it is not
+            # "unfrozen" there): nn.Module's, then BatchNorm as the recipe sets it.
+            torch.nn.Module.train(plain)
             if plain.bn_after_unfreeze == "frozen":
                 for module in plain.backbone.modules():
                     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
