@@ -178,8 +178,9 @@ def overhead(root: Path, repeats: int, steps: int, warmup: int) -> dict[str, Any
 
     def plain_steps(run: int) -> list[float]:
         # What FineTuneModule does once unfrozen: the backbone trains, BatchNorm keeps its
-        # pretrained statistics (bn_after_unfreeze=frozen).
-        m.train()
+        # pretrained statistics (bn_after_unfreeze=frozen). nn.Module's train(): the module's
+        # own freezes the whole backbone outside a Trainer.
+        torch.nn.Module.train(m)
         for module in m.backbone.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()
