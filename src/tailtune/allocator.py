@@ -6,9 +6,10 @@ beyond 128 KiB. A training step frees and re-allocates the same activations ever
 each step page-faults tens of MiB in again, and with two threads both fault against one
 address space. Keeping freed memory in the process is what jemalloc and tcmalloc do (PyTorch's
 CPU performance tuning guide recommends them); two ``mallopt`` calls get the same effect
-without a preloaded library. Measured here (``scripts/benchmark.py --only allocator``):
-lite0 train steps 1.3x to 1.7x faster on 2 threads, a whole digits run 83 s -> 54 s,
-identical numbers; peak memory about 15 % higher, since freed memory is reused, not returned.
+without a preloaded library. Measured here (``scripts/benchmark.py --only allocator``, README
+"Speed"): lite0 train steps 1.2x to 1.3x faster on 2 threads, whole runs 1.2x to 1.5x (digits
+83 s -> 54 s), identical numbers; peak memory about 15 % higher, since freed memory is reused
+rather than returned.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+from collections.abc import Callable
 
 # mallopt parameters, from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
@@ -25,7 +27,7 @@ NEVER = 2**31 - 1
 
 
 @functools.cache
-def _mallopt() -> ctypes._CFuncPtr | None:
+def _mallopt() -> Callable[[int, int], int] | None:
     name = ctypes.util.find_library("c")
     if name is None:
         return None
