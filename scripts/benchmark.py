@@ -126,6 +126,19 @@ def gaps(marks: list[float]) -> list[float]:
     return [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
 
+def train_as_unfrozen(model: Any) -> None:
+    """Train mode as FineTuneModule sets it once the backbone is unfrozen: every module
+    trains, BatchNorm statistics adapt or stay frozen (``bn_after_unfreeze``). nn.Module's
+    train(), because the module's own freezes the whole backbone outside a Trainer."""
+    import torch
+
+    torch.nn.Module.train(model)
+    if model.bn_after_unfreeze == "frozen":
+        for module in model.backbone.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
 def interleave(name: str, repeats: int, tailtune: Any, plain: Any, unit: str = "ms",
                labels: tuple[str, str] = ("tailtune", "plain")) -> list[dict[str, float]]:
     """Median of ``tailtune(run)`` and ``plain(run)`` (lists of times) per repeat, the two
@@ -177,13 +190,7 @@ def overhead(root: Path, repeats: int, steps: int, warmup: int) -> dict[str, Any
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda s: 1.0, lambda s: 1.0])
 
     def plain_steps(run: int) -> list[float]:
-        # What FineTuneModule does once unfrozen: the backbone trains, BatchNorm keeps its
-        # pretrained statistics (bn_after_unfreeze=frozen). nn.Module's train(): the module's
-        # own freezes the whole backbone outside a Trainer.
-        torch.nn.Module.train(m)
-        for module in m.backbone.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        train_as_unfrozen(m)  # the default: BatchNorm keeps its pretrained statistics
         marks = []
         for i, (images, targets) in enumerate(datamodule.train_dataloader()):
             if i >= n:
@@ -294,13 +301,7 @@ def recipe(root: Path, data: str, repeats: int, epochs: int) -> dict[str, Any]:
         marks = []
         for epoch in range(epochs):
             marks.append(time.perf_counter())
-            # The module's own train() freezes the backbone outside a Trainer (it is not
-            # "unfrozen" there): nn.Module's, then BatchNorm as the recipe sets it.
-            torch.nn.Module.train(plain)
-            if plain.bn_after_unfreeze == "frozen":
-                for module in plain.backbone.modules():
-                    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                        module.eval()
+            train_as_unfrozen(plain)
             for images, targets in datamodule.train_dataloader():
                 mixed, partner, lam = (plain.mix(images, targets) if plain.mix is not None
                                        else (images, targets, 1.0))

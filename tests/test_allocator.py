@@ -21,9 +21,10 @@ PROBE = textwrap.dedent("""
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = [ctypes.c_void_p]
+    MIB = (1, 3, 7, 20, 50, 5, 2)
     def step():
-        blocks = [libc.malloc(mib << 20) for mib in (1, 3, 7, 20, 50, 5, 2)]
-        for block, mib in zip(blocks, (1, 3, 7, 20, 50, 5, 2)):
+        blocks = [libc.malloc(mib << 20) for mib in MIB]
+        for block, mib in zip(blocks, MIB):
             ctypes.memset(block, 1, mib << 20)
         for block in reversed(blocks):
             libc.free(block)
