@@ -37,13 +37,11 @@ ABLATIONS = {
                    ["model.unfreeze_at=1", "model.backbone_lr_ratio=0.3",
                     "model.bn_after_unfreeze=frozen"]),
     "no_smoothing": ({"loss.label_smoothing"}, ["loss.label_smoothing=0"]),
-    "no_test_tau": ({"model.logit_adjust_tau"}, ["model.logit_adjust_tau=0"]),
     "no_flip": ({"transforms", "transforms._target_", "transforms.image_size",
                  "transforms.padding", "transforms.scale", "transforms.hflip", "model.tta_flip"},
                 ["transforms=none", "model.tta_flip=false"]),
-    "posthoc_la": ({"loss._target_", "loss.tau"}, ["loss=ce"]),
-    "no_balancing": ({"loss._target_", "loss.tau", "model.logit_adjust_tau"},
-                     ["loss=ce", "model.logit_adjust_tau=0"]),
+    "la_loss": ({"loss._target_", "loss.tau"}, ["loss=logit_adjusted"]),
+    "no_balancing": ({"model.logit_adjust_tau"}, ["model.logit_adjust_tau=0"]),
 }
 
 
