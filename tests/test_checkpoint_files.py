@@ -112,3 +112,14 @@ def test_a_write_that_fails_keeps_the_previous_checkpoint_whole(tmp_path, monkey
         fit(tmp_path, 2, ckpt_path=tmp_path / "last.ckpt")
     assert (tmp_path / "last.ckpt").read_bytes() == before
     assert not list(tmp_path.glob("*.part"))
+
+
+def test_without_hard_links_the_shared_file_is_copied(tmp_path, monkeypatch):
+    def no_links(*args):
+        raise OSError("Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    fit(tmp_path, 2)  # epoch 1 improves
+    best, last = tmp_path / "best.ckpt", tmp_path / "last.ckpt"
+    assert os.stat(best).st_ino != os.stat(last).st_ino
+    assert best.read_bytes() == last.read_bytes()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import signal
 import subprocess
 import threading
@@ -161,7 +162,10 @@ class AtomicCheckpoint(ModelCheckpoint):
             elif trainer.is_global_zero:
                 if os.path.lexists(partial):
                     os.remove(partial)
-                os.link(twin, partial)
+                try:
+                    os.link(twin, partial)
+                except OSError:  # a filesystem without hard links: a copy is still one write
+                    shutil.copyfile(twin, partial)
             if trainer.is_global_zero:
                 os.replace(partial, filepath)
         finally:
