@@ -158,3 +158,39 @@ def test_lr_schedule_and_gradients_across_the_unfreeze_boundary(smoke_cfg, tmp_p
     assert snaps.lrs[1][1] == 0.0 and snaps.lrs[2][1] == pytest.approx(0.01 * 0.25 / 2)
     assert snaps.lrs[3][1] == pytest.approx(0.01 * 0.25)  # after warm-up: lr * ratio
     assert grads.backbone_grad == {0: False, 1: False, 2: True, 3: True}
+
+
+class Batches(L.Callback):
+    """Each training batch's images, per (epoch, batch index); saves a checkpoint mid-epoch
+    the way PreemptionCheckpoint does (after a batch's step) when ``save_at`` is given."""
+
+    def __init__(self, save_at=None) -> None:
+        self.seen: dict[tuple[int, int], torch.Tensor] = {}
+        self.save_at = save_at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen[(trainer.current_epoch, batch_idx)] = batch[0].clone()
+        if self.save_at and (trainer.current_epoch, batch_idx) == self.save_at[0]:
+            trainer.save_checkpoint(self.save_at[1])
+
+
+@pytest.mark.slow
+def test_a_mid_epoch_resume_goes_on_with_the_batches_the_epoch_had_not_reached(
+        smoke_cfg, tmp_path):
+    """A preemption checkpoint after epoch 1's first batch: the resumed run's next batch is
+    the uninterrupted run's second one, not the epoch's first again, and (no augmentation,
+    no dropout) the weights end bit-identical."""
+    overrides = ("trainer.max_epochs=3", "trainer.limit_train_batches=3", "transforms=none",
+                 "model.head_dropout=0", "model.unfreeze_at=0")
+    cfg, _ = smoke_cfg(*overrides, name="whole")
+    mid = tmp_path / "mid.ckpt"
+    whole_batches = Batches(save_at=((1, 0), mid))
+    whole, _ = fit(cfg, tmp_path / "whole", [whole_batches])
+    cfg, _ = smoke_cfg(*overrides, name="resumed")
+    resumed_batches = Batches()
+    resumed, _ = fit(cfg, tmp_path / "resumed", [resumed_batches], ckpt_path=str(mid))
+    assert sorted(resumed_batches.seen) == [(1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
+    for key, images in resumed_batches.seen.items():
+        assert torch.equal(images, whole_batches.seen[key]), key
+    assert not torch.equal(whole_batches.seen[(1, 0)], whole_batches.seen[(1, 1)])
+    assert _same(whole.state_dict(), resumed.state_dict())

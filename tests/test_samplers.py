@@ -159,6 +159,18 @@ def test_rebalancing_samplers_do_not_depend_on_global_rng():
     assert list(sampler) == a
 
 
+def test_resume_at_starts_one_iteration_mid_epoch_and_keeps_the_epochs_histogram():
+    for sampler in all_samplers():
+        sampler.set_epoch(2)
+        order = list(sampler)
+        histogram = sampler.drawn_class_histogram()
+        sampler.resume_at(7)
+        assert list(sampler) == order[7:], type(sampler).__name__
+        np.testing.assert_array_equal(sampler.drawn_class_histogram(), histogram)
+        assert len(sampler) == len(order)
+        assert list(sampler) == order  # once only
+
+
 def test_progressive_moves_from_instance_to_class_balanced():
     sampler = ProgressiveSampler(LABELS, seed=0, num_epochs=5, num_samples=20_000)
     ib, cb = COUNTS / COUNTS.sum(), uniform_over(COUNTS)

@@ -69,6 +69,14 @@ class SamplerEpoch(L.Callback):
                 f"{type(self.sampler).__name__}; check use_distributed_sampler / the datamodule"
             )
         self.on_train_epoch_start(trainer, pl_module)  # a mid-epoch resume gets no epoch start
+        # Resumed mid-epoch (a preemption checkpoint): Lightning runs the epoch's remaining
+        # batches from a fresh iterator; start it where the interrupted one stopped. Under
+        # DDP, Lightning's sampler wrapper indexes the whole epoch, so there the start replays.
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready  # batches it goes on from
+        batch_size = getattr(loader, "batch_size", None)
+        if (0 < done < trainer.num_training_batches and batch_size and trainer.world_size == 1
+                and hasattr(self.sampler, "resume_at")):
+            self.sampler.resume_at(done * batch_size)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if hasattr(self.sampler, "set_epoch"):

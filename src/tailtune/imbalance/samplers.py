@@ -94,6 +94,7 @@ class EpochSampler(Sampler[int]):
         self.num_samples = len(self.labels)
         self.epoch = 0
         self._last: np.ndarray | None = None
+        self._start = 0  # where the next iteration starts in its epoch's order (resume_at)
         # Indices grouped by class, for "pick a class, then an instance" draws.
         self._by_class = np.argsort(self.labels, kind="stable")
         self._class_start = np.concatenate([[0], np.cumsum(self.class_counts)[:-1]])
@@ -116,9 +117,18 @@ class EpochSampler(Sampler[int]):
     def _rng(self, epoch: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, epoch])
 
+    def resume_at(self, position: int) -> None:
+        """Start the next iteration at ``position`` of its epoch's order, once: a run resumed
+        mid-epoch then draws the samples the interrupted epoch had not reached, instead of
+        replaying the epoch's start. (The length stays the whole epoch's.)"""
+        if position < 0:
+            raise ValueError(f"position must be >= 0, got {position}")
+        self._start = int(position)
+
     def __iter__(self):
         self._last = self._draw(self._rng(self.epoch))
-        return iter(self._last.tolist())
+        start, self._start = self._start, 0
+        return iter(self._last[start:].tolist())
 
     def __len__(self) -> int:
         return self.num_samples
