@@ -132,7 +132,7 @@ class AtomicCheckpoint(ModelCheckpoint):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._written: tuple[Any, ...] | None = None  # (when, path) of this callback's last file
+        self._written_when: tuple[int, int, bool] | None = None  # of _last_checkpoint_saved
         self._state_at_write: Any = None
 
     def _when(self, trainer: L.Trainer) -> tuple[int, int, bool]:
@@ -140,22 +140,24 @@ class AtomicCheckpoint(ModelCheckpoint):
                 self._should_save_on_train_epoch_end(trainer))
 
     def _state(self) -> Any:
-        return {key: value.tolist() if isinstance(value, torch.Tensor) else
-                {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in value.items()}
-                if isinstance(value, dict) else value
-                for key, value in self.state_dict().items()}
+        """This callback's state as comparable plain data (scores are tensors)."""
+        def plain(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value.tolist()
+            return {k: plain(v) for k, v in value.items()} if isinstance(value, dict) else value
+        return plain(self.state_dict())
 
     def _twin(self, trainer: L.Trainer) -> str | None:
         """A file another AtomicCheckpoint wrote of exactly the state this save would write."""
-        if self._written is None or self._state() != self._state_at_write:
+        if self._written_when is None or self._state() != self._state_at_write:
             return None
         when = self._when(trainer)
         for other in trainer.checkpoint_callbacks:
             if (other is not self and isinstance(other, AtomicCheckpoint)
-                    and other._written is not None and other._written[0] == when
+                    and other._written_when == when
                     and other.save_weights_only == self.save_weights_only
-                    and os.path.isfile(other._written[1])):
-                return other._written[1]
+                    and os.path.isfile(other._last_checkpoint_saved)):
+                return other._last_checkpoint_saved
         return None
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
@@ -180,7 +182,7 @@ class AtomicCheckpoint(ModelCheckpoint):
             if trainer.is_global_zero and os.path.lexists(partial):
                 os.remove(partial)
         trainer.strategy.barrier()
-        self._written = (self._when(trainer), filepath)
+        self._written_when = self._when(trainer)
         self._state_at_write = self._state()
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
