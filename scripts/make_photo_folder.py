@@ -7,6 +7,13 @@ saved as a JPEG. Real photographic content, real JPEG decoding cost, no download
 
     python scripts/make_photo_folder.py /tmp/photos --images 3000 --classes 10 --ratio 10
     tailtune-train data=image_folder data.root=/tmp/photos
+
+``--test-per-class N`` also writes a balanced ``test/`` split (N photos a class, as long-tailed
+benchmarks test: CIFAR-LT, ImageNet-LT), from its own random stream, so ``train/`` is the same
+photos with or without it; ``--no-train`` writes only that split. A balanced held-out set for
+runs trained on an existing folder (``tailtune-predict`` on its ``labels.csv``):
+
+    python scripts/make_photo_folder.py /tmp/heldout --no-train --test-per-class 100
 """
 
 from __future__ import annotations
@@ -59,19 +66,33 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1600)
     parser.add_argument("--height", type=int, default=1200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test-per-class", type=int, default=0,
+                        help="also write a balanced test/ split with this many photos a class")
+    parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
+                        help="write train/ (--no-train: only the test split)")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     photos = [Image.fromarray(p) for p in load_sample_images().images]
-    counts = class_counts(args.images, args.classes, args.ratio)
-    jobs = [(c, i) for c, n in enumerate(counts) for i in range(n)]
-    where = regions(args.classes, rng)
-    for c, i in track(jobs, description=f"writing {len(jobs)} photos"):
-        folder = args.root / "train" / f"class_{c:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        photo, cx, cy = where[c]
-        view(photos[photo], cx, cy, (args.width, args.height), rng).save(
-            folder / f"{i:05d}.jpg", quality=90)
-    print(f"{len(jobs)} photos in {args.root}/train, per class {counts}")
+    where = regions(args.classes, rng)  # drawn first: the classes depend on the seed only
+
+    def write(split: str, counts: list[int], rng: np.random.Generator) -> None:
+        jobs = [(c, i) for c, n in enumerate(counts) for i in range(n)]
+        for c, i in track(jobs, description=f"writing {len(jobs)} {split} photos"):
+            folder = args.root / split / f"class_{c:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            photo, cx, cy = where[c]
+            view(photos[photo], cx, cy, (args.width, args.height), rng).save(
+                folder / f"{i:05d}.jpg", quality=90)
+        print(f"{len(jobs)} photos in {args.root}/{split}, per class {counts}")
+
+    if args.train:
+        write("train", class_counts(args.images, args.classes, args.ratio), rng)
+    if args.test_per_class:
+        write("test", [args.test_per_class] * args.classes, np.random.default_rng([args.seed, 1]))
+        with open(args.root / "labels.csv", "w") as manifest:
+            manifest.write("path,label\n")
+            for path in sorted((args.root / "test").glob("*/*.jpg")):
+                manifest.write(f"test/{path.parent.name}/{path.name},{path.parent.name}\n")
 
 
 if __name__ == "__main__":
