@@ -32,7 +32,7 @@ def _predictions(seed: int, n: int = 60, k: int = 3, right: float = 0.7):
 
 
 def _run(root: Path, name: str, overrides: list[str], status: str = "done", seed: int = 0,
-         few: float = 0.5, error: str = "") -> Path:
+         few: float = 0.5, error: str = "", val: float | None = None) -> Path:
     run = root / name
     run.mkdir(parents=True)
     state = {"status": status, **({"error": error} if error else {})}
@@ -44,7 +44,7 @@ def _run(root: Path, name: str, overrides: list[str], status: str = "done", seed
     test = {"bal_acc": bal_acc, "macro_f1": bal_acc - 0.01, "acc": bal_acc, "ece": 0.1,
             "many_acc": 0.9, "few_acc": few, "recall/0": 0.5, "recall/1": 0.6}
     (run / "metrics.json").write_text(json.dumps({"overrides": overrides, "test": test,
-                                                  "val": {"bal_acc": bal_acc}}))
+                                                  "val": {"bal_acc": val or bal_acc}}))
     np.savez_compressed(run / "test_predictions.npz", targets=targets, probs=probs,
                         class_names=np.array(["a", "b", "c"]))
     (run / "timings.json").write_text(json.dumps({"wall_s": 100.0 + 10 * seed}))
@@ -86,6 +86,34 @@ def test_markdown_lists_shared_overrides_and_a_single_run_has_no_std(sweep, caps
     assert rows["loss=ce"].rstrip(" |").endswith("115 ± 7")
     for name in ("comparison_bal_acc.png", "comparison_recall.png", "comparison_shots.png"):
         assert (sweep / name).stat().st_size > 0 and name in out
+
+
+def test_validation_picks_the_config_not_test(tmp_path, capsys):
+    """A sweep is chosen from on val: the report names val's pick (mean over seeds) even where
+    test ranks another config first, in the console, the Markdown and the CSV."""
+    root = tmp_path / "pick"
+    _run(root, "0", ["loss=ce", "seed=1"], seed=1, val=0.80)
+    _run(root, "1", ["loss=ce", "seed=2"], seed=2, val=0.90)  # ce: val mean 0.85
+    _run(root, "2", ["loss=focal", "seed=1"], seed=3, val=0.84)
+    summaries = summarize(find_runs(root), n_boot=50)
+    ce, focal = (next(s for s in summaries if f"loss={n}" in s.key) for n in ("ce", "focal"))
+    assert focal.mean["bal_acc"] > ce.mean["bal_acc"]  # test prefers focal, val does not
+    assert ce.mean["val_bal_acc"] == pytest.approx(0.85)
+
+    compare_main([str(root), "--bootstrap", "50"])
+    out = capsys.readouterr().out
+    markdown = (root / "comparison.md").read_text()
+    for text in (out, markdown):
+        assert "Validation picks `loss=ce` (val bal_acc 0.8500" in text
+    row = next(line for line in markdown.splitlines() if line.startswith("| loss=ce |"))
+    assert "| 0.8500 (pick) |" in row
+    assert "(pick)" not in next(line for line in markdown.splitlines()
+                                      if line.startswith("| loss=focal |"))
+    with open(root / "comparison.csv", newline="") as handle:
+        table = {r["config"]: r for r in csv.DictReader(handle)}
+    assert (table["loss=ce"]["val_pick"], table["loss=focal"]["val_pick"]) == ("1", "0")
+    assert float(table["loss=focal"]["val_bal_acc_mean"]) == pytest.approx(0.84)
+    assert float(table["loss=ce"]["val_bal_acc_std"]) == pytest.approx(0.0707, abs=1e-4)
 
 
 def test_console_table_keeps_numbers_and_overrides_whole(tmp_path, capsys):

@@ -31,8 +31,9 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
     table = Table(title=title + (f"\nall runs: {','.join(common)}" if common else ""),
                   show_lines=True)
     columns = agg.header(summaries)
-    shown = [0, 1, 2, 3, 4, 7, 8, len(agg.HEADER) - 2, len(agg.HEADER) - 1,  # all: CSV/Markdown
-             *range(len(agg.HEADER), len(columns))]
+    last = len(agg.HEADER)  # CI, val and wall time close the shared columns
+    shown = [0, 1, 2, 3, 4, 7, 8, last - 3, last - 2, last - 1,  # all: CSV/Markdown
+             *range(last, len(columns))]
     for i in shown:
         # Numbers never break; a config is one override per line, so names wrap between
         # overrides instead of mid-word.
@@ -43,6 +44,8 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
     if not console.is_terminal:
         console.width = max(console.width, 160)  # a log or a pipe: no need to fold at 80
     console.print(table)
+    if (pick := agg.pick_sentence(summaries)):
+        console.print(pick)
     for run in unfinished:
         reason = f": {run.error}" if run.error else ""
         console.print(f"[yellow]{run.status}[/] {run.path}{reason}")

@@ -177,7 +177,7 @@ def summarize(runs: list[Run], n_boot: int = 1000, baseline: str | None = None
             summary.add("wall_s", walls)
         val = [r.metrics.get("val", {}).get("bal_acc") for r in members]
         if all(v is not None for v in val):
-            summary.mean["val_bal_acc"] = float(np.mean(val))
+            summary.add("val_bal_acc", val)
         predictions = [p for p in map(_load_predictions, members) if p is not None]
         if len(predictions) == len(members) and predictions:
             summary.predictions = predictions
@@ -232,18 +232,34 @@ def _delta(summary: ConfigSummary) -> str:
     return f"{point:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
+def val_pick(summaries: list[ConfigSummary]) -> ConfigSummary | None:
+    """The config with the highest mean val balanced accuracy: the one to choose. Test ranks
+    configs too, but a choice made on test makes its own test score optimistic (the sweep's
+    best of several noisy scores). None unless two or more configs have val scores."""
+    scored = [s for s in summaries if "val_bal_acc" in s.mean]
+    return max(scored, key=lambda s: s.mean["val_bal_acc"]) if len(scored) > 1 else None
+
+
+PICK = " (pick)"
+
+
 def table_rows(summaries: list[ConfigSummary]) -> list[list[str]]:
     """One row per config; with a baseline, a last column: the paired difference."""
     paired = any(s.is_baseline for s in summaries)
+    pick = val_pick(summaries)
     rows = []
     for s in summaries:
         ci = f"[{s.ci[0]:.4f}, {s.ci[1]:.4f}]" if s.ci else "–"
-        rows.append([s.key, str(s.n), *(_fmt(s, c) for c in COLUMNS), ci, _fmt(s, "wall_s", 0),
-                     *([_delta(s)] if paired else [])])
+        # The mean alone (its std is in the CSV): the column stays narrow beside the others.
+        val = (f"{s.mean['val_bal_acc']:.4f}" if "val_bal_acc" in s.mean else "–") \
+            + (PICK if s is pick else "")
+        rows.append([s.key, str(s.n), *(_fmt(s, c) for c in COLUMNS), ci, val,
+                     _fmt(s, "wall_s", 0), *([_delta(s)] if paired else [])])
     return rows
 
 
-HEADER = ["config", "n", *(f"test {c}" for c in COLUMNS), "bal_acc 95% CI", "wall s"]
+HEADER = ["config", "n", *(f"test {c}" for c in COLUMNS), "bal_acc 95% CI", "val bal_acc",
+          "wall s"]
 DELTA_HEADER = "Δ bal_acc vs baseline [paired 95% CI]"
 
 
@@ -257,7 +273,9 @@ def write_csv(summaries: list[ConfigSummary], path: Path) -> None:
         writer.writerow(["config", "n", "seeds",
                          *(f"test_{c}_{s}" for c in COLUMNS for s in ("mean", "std")),
                          "bal_acc_ci_low", "bal_acc_ci_high", "wall_s_mean", "wall_s_std",
-                         "delta_bal_acc", "delta_ci_low", "delta_ci_high"])
+                         "delta_bal_acc", "delta_ci_low", "delta_ci_high",
+                         "val_bal_acc_mean", "val_bal_acc_std", "val_pick"])
+        pick = val_pick(summaries)
         for s in summaries:
             writer.writerow([
                 s.key, s.n, " ".join(r.seed for r in s.runs),
@@ -266,12 +284,24 @@ def write_csv(summaries: list[ConfigSummary], path: Path) -> None:
                 _cell(s.mean.get("wall_s")), _cell(s.std.get("wall_s")),
                 *((_cell(v) for v in s.delta) if s.delta else
                   ((0.0, 0.0, 0.0) if s.is_baseline else ("", "", ""))),
+                _cell(s.mean.get("val_bal_acc")), _cell(s.std.get("val_bal_acc")),
+                int(s is pick),
             ])
 
 
 def _cell(value: float | None) -> str | float:
     """A CSV cell: the number, or empty where there is none (std of one run)."""
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def pick_sentence(summaries: list[ConfigSummary]) -> str | None:
+    """What validation chooses, said once under the table (Markdown and console alike)."""
+    pick = val_pick(summaries)
+    if pick is None:
+        return None
+    return (f"Validation picks `{pick.key}` (val bal_acc {pick.mean['val_bal_acc']:.4f}, "
+            f"test {pick.mean['bal_acc']:.4f}). Choose by val: its test score then estimates "
+            "how the choice does on new data; the config that is best on test does not.")
 
 
 def write_markdown(summaries: list[ConfigSummary], unfinished: list[Run], path: Path,
@@ -284,6 +314,8 @@ def write_markdown(summaries: list[ConfigSummary], unfinished: list[Run], path: 
     columns = header(summaries)
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(summaries)]
+    if (pick := pick_sentence(summaries)):
+        lines += ["", pick]
     if not summaries:
         lines += ["", "No run finished: nothing to compare."]
     if unfinished:
