@@ -116,6 +116,20 @@ def test_validation_picks_the_config_not_test(tmp_path, capsys):
     assert float(table["loss=ce"]["val_bal_acc_std"]) == pytest.approx(0.0707, abs=1e-4)
 
 
+def test_a_tie_on_validation_picks_nothing(tmp_path, capsys):
+    root = tmp_path / "tie"
+    _run(root, "0", ["loss=ce", "seed=1"], seed=1, val=0.85)
+    _run(root, "1", ["loss=focal", "seed=1"], seed=3, val=0.85)
+    _run(root, "2", ["loss=ldam_drw", "seed=1"], seed=2, val=0.80)
+    compare_main([str(root), "--bootstrap", "50"])
+    out = capsys.readouterr().out
+    assert "Validation ties `loss=focal`, `loss=ce`" in out or \
+        "Validation ties `loss=ce`, `loss=focal`" in out
+    assert "(pick)" not in (root / "comparison.md").read_text()
+    with open(root / "comparison.csv", newline="") as handle:
+        assert {r["val_pick"] for r in csv.DictReader(handle)} == {"0"}
+
+
 def test_console_table_keeps_numbers_and_overrides_whole(tmp_path, capsys):
     """Long override names (a recipe with five switches) once folded every cell mid-number in
     a log file; each override and each mean ± std must read on one line."""

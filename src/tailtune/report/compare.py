@@ -236,8 +236,18 @@ def val_pick(summaries: list[ConfigSummary]) -> ConfigSummary | None:
     """The config with the highest mean val balanced accuracy: the one to choose. Test ranks
     configs too, but a choice made on test makes its own test score optimistic (the sweep's
     best of several noisy scores). None unless two or more configs have val scores."""
+    best = val_best(summaries)
+    return best[0] if len(best) == 1 else None
+
+
+def val_best(summaries: list[ConfigSummary]) -> list[ConfigSummary]:
+    """The configs sharing the highest mean val balanced accuracy (more than one: a tie);
+    empty unless two or more configs have val scores."""
     scored = [s for s in summaries if "val_bal_acc" in s.mean]
-    return max(scored, key=lambda s: s.mean["val_bal_acc"]) if len(scored) > 1 else None
+    if len(scored) < 2:
+        return []
+    top = max(s.mean["val_bal_acc"] for s in scored)
+    return [s for s in scored if s.mean["val_bal_acc"] == top]
 
 
 PICK = " (pick)"
@@ -296,9 +306,14 @@ def _cell(value: float | None) -> str | float:
 
 def pick_sentence(summaries: list[ConfigSummary]) -> str | None:
     """What validation chooses, said once under the table (Markdown and console alike)."""
-    pick = val_pick(summaries)
-    if pick is None:
+    best = val_best(summaries)
+    if len(best) > 1:
+        tied = ", ".join(f"`{s.key}`" for s in best)
+        return (f"Validation ties {tied} (val bal_acc {best[0].mean['val_bal_acc']:.4f}): it "
+                "picks none of them; more seeds or a larger val split can separate them.")
+    if not best:
         return None
+    pick = best[0]
     return (f"Validation picks `{pick.key}` (val bal_acc {pick.mean['val_bal_acc']:.4f}, "
             f"test {pick.mean['bal_acc']:.4f}). Choose by val: its test score then estimates "
             "how the choice does on new data; the config that is best on test does not.")
