@@ -17,6 +17,7 @@ loop runs and tailtune runs on the same data compares in one table, with paired 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import time
@@ -33,6 +34,8 @@ from sklearn.metrics import balanced_accuracy_score
 from tailtune.allocator import keep_freed_memory
 from tailtune.build.data import build_datamodule
 from tailtune.cli.config import register_resolvers
+from tailtune.data.folders import list_inputs
+from tailtune.data.images import ImageFiles
 from tailtune.metrics import ImbalancedClassificationMetrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +61,26 @@ def predict(model: torch.nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]
     return torch.cat(logits), torch.cat(labels)
 
 
+def score_heldout(model: torch.nn.Module, spec: str, info, resize: str, out: Path) -> dict:
+    """Balanced accuracy on a labelled file list, decoded as tailtune-predict decodes it; the
+    predictions go to ``heldout_predictions.csv`` (path, label, pred)."""
+    files, labels = list_inputs(spec)
+    if labels is None:
+        raise SystemExit(f"--heldout {spec}: needs a label column")
+    images = ImageFiles(files, info.image_size, resize)
+    loader = torch.utils.data.DataLoader(images, batch_size=128)
+    model.eval()
+    with torch.no_grad():
+        preds = torch.cat([model(batch.contiguous(memory_format=torch.channels_last)).argmax(1)
+                           for batch, _, _ in loader])
+    names = [info.class_names[i] for i in preds.tolist()]
+    with open(out / "heldout_predictions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "pred"])
+        writer.writerows(zip(map(str, files), labels, names, strict=True))
+    return {"input": spec, "bal_acc": balanced_accuracy_score(labels, names)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="tailtune config overrides (data, backbone)")
@@ -71,6 +94,8 @@ def main() -> None:
                         help="glibc's default allocator; by default freed memory is kept, as in "
                              "a tailtune run (keep_freed_memory), so the two compare as methods")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--heldout", help="a labelled CSV (path,label) also scored, as "
+                                          "tailtune-predict input= scores a tailtune run")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,6 +153,9 @@ def main() -> None:
         "wall_s": wall_s,
         "threads_used": torch.get_num_threads(),
     }
+    if args.heldout:
+        metrics["heldout"] = score_heldout(model, args.heldout, data.info,
+                                           cfg.data.get("resize", "squash"), args.out)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     np.savez_compressed(args.out / "test_predictions.npz", targets=test_true, probs=test_probs)
     (args.out / "timings.json").write_text(json.dumps({"wall_s": wall_s}))

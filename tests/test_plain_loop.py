@@ -48,3 +48,25 @@ def test_loop_runs_compare_paired_with_tailtune_runs(smoke_cfg, tmp_path, monkey
     expected = tailtune.mean["bal_acc"] - loop.mean["bal_acc"]
     assert point == pytest.approx(expected) and low <= point <= high
     assert loop.mean["wall_s"] > 0
+
+
+def test_loop_scores_a_heldout_list_as_its_own_test_split(tmp_path, monkeypatch):
+    # A folder with its own test/ and that split's labels.csv: the same photos read two ways
+    # (the datamodule's test loader, and --heldout's files decoded as tailtune-predict does)
+    # must score the same, or the loop's held-out row is not comparable with tailtune's.
+    folder = tmp_path / "photos"
+    maker = SCRIPT.parent / "make_photo_folder.py"
+    monkeypatch.setattr(sys, "argv", ["make_photo_folder.py", str(folder), "--images", "60",
+                                      "--classes", "3", "--ratio", "3", "--width", "40",
+                                      "--height", "30", "--test-per-class", "4"])
+    runpy.run_path(str(maker), run_name="__main__")
+    out = tmp_path / "loop"
+    monkeypatch.setattr(sys, "argv", ["plain_loop.py", "debug=smoke", "data=image_folder",
+                                      f"data.root={folder}", "--epochs", "1", "--out", str(out),
+                                      "--heldout", str(folder / "labels.csv")])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    lines = (out / "heldout_predictions.csv").read_text().splitlines()
+    assert lines[0] == "path,label,pred" and len(lines) == 1 + 12
+    assert metrics["heldout"]["bal_acc"] == pytest.approx(metrics["test"]["bal_acc"])
