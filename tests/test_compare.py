@@ -140,14 +140,47 @@ def test_console_table_keeps_numbers_and_overrides_whole(tmp_path, capsys):
     for seed in (1, 2):
         _run(root, f"{seed}_r", [*SHARED, *recipe, f"seed={seed}"], seed=seed)
         _run(root, f"{seed}_p", [*SHARED, "experiment=lt_plain", f"seed={seed}"], seed=seed + 5)
-    compare_main([str(root), "--bootstrap", "100"])
+    # With --baseline the paired column makes the table wider than 160 characters; piped,
+    # it once squeezed the config column to nothing and cut the intervals short.
+    compare_main([str(root), "--bootstrap", "100", "--baseline", "experiment=lt_plain"])
     lines = capsys.readouterr().out.splitlines()
     for override in [*recipe, "experiment=lt_plain"]:
         assert any(override in line for line in lines), override
     with open(root / "comparison.csv", newline="") as handle:
-        means = [f"{float(row['test_bal_acc_mean']):.4f}" for row in csv.DictReader(handle)]
-    for mean in means:
-        assert any(f"{mean} ± " in line for line in lines), mean
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        mean, low = float(row["test_bal_acc_mean"]), float(row["bal_acc_ci_low"])
+        assert any(f"{mean:.4f} ± " in line and f"[{low:.4f}, " in line for line in lines)
+        if "experiment=lt_plain" not in row["config"]:  # the baseline's cell says so
+            delta = f"{float(row['delta_bal_acc']):+.4f} [{float(row['delta_ci_low']):+.4f}, " \
+                    f"{float(row['delta_ci_high']):+.4f}]"
+            assert any(delta in line for line in lines), delta
+
+
+def test_a_narrow_terminal_loses_optional_columns_not_digits():
+    """In a terminal too narrow for every column, the optional ones go (and are named), and
+    what stays prints whole: the config's overrides, the means and the paired interval."""
+    from rich.console import Console
+
+    from tailtune.cli.compare import OPTIONAL, fitted_table
+    from tailtune.report.compare import DELTA_HEADER, HEADER
+
+    columns = [*HEADER, DELTA_HEADER]
+    row = ["ablation=head_first,experiment=lt_recipe", "3", *(["0.8287 ± 0.0023"] * 8),
+           "[0.8069, 0.8474]", "0.8509 (pick)", "461 ± 10", "+0.0093 [-0.0072, +0.0269]"]
+    shown = [0, 1, 2, 3, 4, 7, 8, 10, 11, 12, 13]
+    console = Console(force_terminal=True, width=120, record=True)
+    table, left_out = fitted_table("t", columns, [row], shown, console)
+    console.print(table)
+    text = console.export_text()
+    assert left_out and set(left_out) <= set(OPTIONAL)
+    assert left_out == list(OPTIONAL[:len(left_out)])  # in OPTIONAL's order
+    assert all(len(line) <= 120 for line in text.splitlines())
+    for cell in ["ablation=head_first", "experiment=lt_recipe", "0.8287 ± 0.0023",
+                 "0.8509 (pick)", "+0.0093 [-0.0072, +0.0269]"]:
+        assert cell in text, cell
+    wide = Console(force_terminal=True, width=250, record=True)
+    assert fitted_table("t", columns, [row], shown, wide)[1] == []  # room: nothing left out
 
 
 def test_only_failed_runs_write_no_plots_and_say_so(tmp_path, capsys):

@@ -10,7 +10,6 @@ from pathlib import Path
 def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | None = None,
             n_boot: int = 1000, baseline: str | None = None) -> Path:
     from rich.console import Console
-    from rich.table import Table
 
     from tailtune.report import compare as agg
     from tailtune.report import plots
@@ -28,22 +27,17 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
 
     name = sweep_name(sweep_dirs)
     title = f"{name}: {len(summaries)} configs, {len(runs)} runs, sorted by test {sort_by}"
-    table = Table(title=title + (f"\nall runs: {','.join(common)}" if common else ""),
-                  show_lines=True)
     columns = agg.header(summaries)
     last = len(agg.HEADER)  # CI, val and wall time close the shared columns
     shown = [0, 1, 2, 3, 4, 7, 8, last - 3, last - 2, last - 1,  # all: CSV/Markdown
              *range(last, len(columns))]
-    for i in shown:
-        # Numbers never break; a config is one override per line, so names wrap between
-        # overrides instead of mid-word.
-        table.add_column(columns[i], overflow="fold", no_wrap=i > 0)
-    for row in agg.table_rows(summaries):
-        table.add_row(row[0].replace(",", "\n"), *(row[i] for i in shown[1:]))
+    title += f"\nall runs: {','.join(common)}" if common else ""
     console = Console()
-    if not console.is_terminal:
-        console.width = max(console.width, 160)  # a log or a pipe: no need to fold at 80
+    table, left_out = fitted_table(title, columns, agg.table_rows(summaries), shown, console)
     console.print(table)
+    if left_out:
+        console.print(f"left out to fit {console.width} columns (in comparison.md and .csv): "
+                      + ", ".join(left_out), soft_wrap=True, highlight=False)
     if (pick := agg.pick_sentence(summaries)):
         console.print(pick)
     for run in unfinished:
@@ -62,6 +56,49 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
         console.print("[yellow]no run finished:[/] nothing to plot")
     console.print(f"[bold green]written to {out}:[/] {', '.join(written)}", soft_wrap=True)
     return out
+
+
+# The console table's columns a narrow terminal loses first; config, n, test and val balanced
+# accuracy, wall time and the paired difference always stay.
+OPTIONAL = ("test gmean", "test macro_f1", "test medium_acc", "test few_acc", "bal_acc 95% CI")
+
+
+def fitted_table(title: str, columns: list[str], rows: list[list[str]], shown: list[int],
+                 console) -> tuple[object, list[str]]:
+    """The comparison as a rich Table that prints whole on ``console``: no number cut, no
+    override folded. A log or a pipe gets every column at full width; a terminal too narrow
+    for them loses the OPTIONAL columns, in that order, and the names of those left out are
+    returned. (Rich otherwise squeezes the config column to nothing and cuts numbers.)"""
+    from rich.measure import Measurement
+    from rich.table import Table
+
+    def build(keep: list[int], wrap: bool = False) -> Table:
+        table = Table(title=title, show_lines=True)
+        # A config is one override per line, so it wraps between overrides.
+        table.add_column(columns[0], overflow="fold")
+        for i in keep[1:]:
+            table.add_column(columns[i], no_wrap=not wrap)  # numbers whole, unless nothing fits
+        for row in rows:
+            table.add_row(row[0].replace(",", "\n"), *(row[i] for i in keep[1:]))
+        return table
+
+    def width(table: Table) -> Measurement:  # unclamped: what the table needs, not the console
+        return Measurement.get(console, console.options.update(max_width=10**6), table)
+
+    keep, left_out = list(shown), []
+    table = build(keep)
+    if not console.is_terminal:
+        console.width = max(console.width, width(table).maximum)
+        return table, left_out
+    droppable = [i for name in OPTIONAL for i in keep if columns[i] == name]
+    while droppable and width(table).maximum > console.width:
+        i = droppable.pop(0)
+        keep.remove(i)
+        left_out.append(columns[i])
+        table = build(keep)
+    if width(table).maximum > console.width:  # still too wide: every cell may wrap
+        table = build(keep, wrap=True)
+    return table, left_out
 
 
 def sweep_name(sweep_dirs: list[Path]) -> str:
