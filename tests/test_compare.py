@@ -96,6 +96,10 @@ def test_validation_picks_the_config_not_test(tmp_path, capsys):
     _run(root, "0", ["loss=ce", "seed=1"], seed=1, val=0.80)
     _run(root, "1", ["loss=ce", "seed=2"], seed=2, val=0.90)  # ce: val mean 0.85
     _run(root, "2", ["loss=focal", "seed=1"], seed=3, val=0.84)
+    for name in ("0", "1", "2"):  # where each run's model is, as a training run records it
+        metrics = json.loads((root / name / "metrics.json").read_text())
+        metrics["best_checkpoint"] = f"/runs/{name}/best.ckpt"
+        (root / name / "metrics.json").write_text(json.dumps(metrics))
     summaries = summarize(find_runs(root), n_boot=50)
     ce, focal = (next(s for s in summaries if f"loss={n}" in s.key) for n in ("ce", "focal"))
     assert focal.mean["bal_acc"] > ce.mean["bal_acc"]  # test prefers focal, val does not
@@ -106,6 +110,7 @@ def test_validation_picks_the_config_not_test(tmp_path, capsys):
     markdown = (root / "comparison.md").read_text()
     for text in (out, markdown):
         assert "Validation picks `loss=ce` (val bal_acc 0.8500" in text
+        assert "Its checkpoints: /runs/0/best.ckpt, /runs/1/best.ckpt." in text  # ce's, not focal's
     row = next(line for line in markdown.splitlines() if line.startswith("| loss=ce |"))
     assert "| 0.8500 (pick) |" in row
     assert "(pick)" not in next(line for line in markdown.splitlines()

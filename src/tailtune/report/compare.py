@@ -314,9 +314,13 @@ def pick_sentence(summaries: list[ConfigSummary]) -> str | None:
     if not best:
         return None
     pick = best[0]
+    # Where the chosen model is: what tailtune-predict (or an ensemble of the seeds) takes.
+    checkpoints = [r.metrics["best_checkpoint"] for r in pick.runs
+                   if r.metrics.get("best_checkpoint")]
+    where = f" Its checkpoints: {', '.join(checkpoints)}." if checkpoints else ""
     return (f"Validation picks `{pick.key}` (val bal_acc {pick.mean['val_bal_acc']:.4f}, "
             f"test {pick.mean['bal_acc']:.4f}). Choose by val: its test score then estimates "
-            "how the choice does on new data; the config that is best on test does not.")
+            f"how the choice does on new data; the config that is best on test does not.{where}")
 
 
 def write_markdown(summaries: list[ConfigSummary], unfinished: list[Run], path: Path,
