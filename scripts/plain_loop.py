@@ -36,6 +36,7 @@ from tailtune.build.data import build_datamodule
 from tailtune.cli.config import register_resolvers
 from tailtune.data.folders import list_inputs
 from tailtune.data.images import ImageFiles
+from tailtune.data.info import DatasetInfo
 from tailtune.metrics import ImbalancedClassificationMetrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +62,8 @@ def predict(model: torch.nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]
     return torch.cat(logits), torch.cat(labels)
 
 
-def score_heldout(model: torch.nn.Module, spec: str, info, resize: str, out: Path) -> dict:
+def score_heldout(model: torch.nn.Module, spec: str, info: DatasetInfo, resize: str,
+                  out: Path) -> dict:
     """Balanced accuracy on a labelled file list, decoded as tailtune-predict decodes it; the
     predictions go to ``heldout_predictions.csv`` (path, label, pred)."""
     files, labels = list_inputs(spec)

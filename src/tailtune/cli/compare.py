@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 
 def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | None = None,
@@ -64,11 +69,11 @@ OPTIONAL = ("test gmean", "test macro_f1", "test medium_acc", "test few_acc", "b
 
 
 def fitted_table(title: str, columns: list[str], rows: list[list[str]], shown: list[int],
-                 console) -> tuple[object, list[str]]:
-    """The comparison as a rich Table that prints whole on ``console``: no number cut, no
-    override folded. A log or a pipe gets every column at full width; a terminal too narrow
-    for them loses the OPTIONAL columns, in that order, and the names of those left out are
-    returned. (Rich otherwise squeezes the config column to nothing and cuts numbers.)"""
+                 console: Console) -> tuple[Table, list[str]]:
+    """The comparison as a rich Table that prints whole on ``console``, and the names of the
+    columns left out. A log or a pipe gets every column at full width; a terminal too narrow
+    for them loses the OPTIONAL columns, in that order, and only if it is narrower still do
+    cells wrap. (Rich otherwise squeezes the config column to nothing and cuts numbers.)"""
     from rich.measure import Measurement
     from rich.table import Table
 
