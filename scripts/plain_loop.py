@@ -72,9 +72,14 @@ def score_heldout(model: torch.nn.Module, spec: str, info: DatasetInfo, resize: 
     images = ImageFiles(files, info.image_size, resize)
     loader = torch.utils.data.DataLoader(images, batch_size=128)
     model.eval()
+    preds, bad = [], []
     with torch.no_grad():
-        preds = torch.cat([model(batch.contiguous(memory_format=torch.channels_last)).argmax(1)
-                           for batch, _, _ in loader])
+        for batch, index, errors in loader:
+            preds.append(model(batch.contiguous(memory_format=torch.channels_last)).argmax(1))
+            bad += [f"{files[i]}: {e}" for i, e in zip(index.tolist(), errors, strict=True) if e]
+    if bad:  # a zero image's guess would pass for a score
+        raise SystemExit(f"--heldout {spec}: {len(bad)} unreadable files, e.g. {bad[0]}")
+    preds = torch.cat(preds)
     names = [info.class_names[i] for i in preds.tolist()]
     with open(out / "heldout_predictions.csv", "w", newline="") as f:
         writer = csv.writer(f)
