@@ -70,3 +70,13 @@ def test_loop_scores_a_heldout_list_as_its_own_test_split(tmp_path, monkeypatch)
     lines = (out / "heldout_predictions.csv").read_text().splitlines()
     assert lines[0] == "path,label,pred" and len(lines) == 1 + 12
     assert metrics["heldout"]["bal_acc"] == pytest.approx(metrics["test"]["bal_acc"])
+
+    # An unreadable held-out file stops the run by name; it is not scored as a black image.
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")  # outside the splits tailtune reads
+    listing = folder / "with_broken.csv"  # paths relative to the CSV, as in labels.csv
+    listing.write_text((folder / "labels.csv").read_text() + "broken.jpg,class_00\n")
+    argv = [*sys.argv[:-1], str(listing)]
+    argv[argv.index("--out") + 1] = str(tmp_path / "loop_broken")
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match="1 unreadable files, e.g. .*broken.jpg"):
+        runpy.run_path(str(SCRIPT), run_name="__main__")
