@@ -32,13 +32,10 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
 
     name = sweep_name(sweep_dirs)
     title = f"{name}: {len(summaries)} configs, {len(runs)} runs, sorted by test {sort_by}"
-    columns = agg.header(summaries)
-    last = len(agg.HEADER)  # CI, val and wall time close the shared columns
-    shown = [0, 1, 2, 3, 4, 7, 8, last - 3, last - 2, last - 1,  # all: CSV/Markdown
-             *range(last, len(columns))]
     title += f"\nall runs: {','.join(common)}" if common else ""
     console = Console()
-    table, left_out = fitted_table(title, columns, agg.table_rows(summaries), shown, console)
+    table, left_out = fitted_table(title, agg.header(summaries), agg.table_rows(summaries),
+                                   console)
     console.print(table)
     if left_out:
         console.print(f"left out to fit {console.width} columns (in comparison.md and .csv): "
@@ -63,12 +60,14 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
     return out
 
 
+# Columns of the report only in comparison.md and the CSV, never in the console table.
+FILE_ONLY = ("test acc", "test many_acc", "test ece")
 # The console table's columns a narrow terminal loses first; config, n, test and val balanced
 # accuracy, wall time and the paired difference always stay.
 OPTIONAL = ("test gmean", "test macro_f1", "test medium_acc", "test few_acc", "bal_acc 95% CI")
 
 
-def fitted_table(title: str, columns: list[str], rows: list[list[str]], shown: list[int],
+def fitted_table(title: str, columns: list[str], rows: list[list[str]],
                  console: Console) -> tuple[Table, list[str]]:
     """The comparison as a rich Table that prints whole on ``console``, and the names of the
     columns left out. A log or a pipe gets every column at full width; a terminal too narrow
@@ -90,7 +89,8 @@ def fitted_table(title: str, columns: list[str], rows: list[list[str]], shown: l
     def width(table: Table) -> Measurement:  # unclamped: what the table needs, not the console
         return Measurement.get(console, console.options.update(max_width=10**6), table)
 
-    keep, left_out = list(shown), []
+    keep = [i for i, name in enumerate(columns) if name not in FILE_ONLY]
+    left_out = []
     table = build(keep)
     if not console.is_terminal:
         console.width = max(console.width, width(table).maximum)
