@@ -71,9 +71,10 @@ def test_sampler_draws_follow_the_seed(smoke_cfg, sampler):
 @pytest.mark.slow
 def test_same_seed_gives_identical_metrics_under_joblib_and_basic_launchers(tmp_path):
     # Two identical jobs side by side (1 thread each), then the same run alone, 1 thread.
+    # With a loader worker: inside a joblib job torch could not start one (loky's start method).
     sweep = tmp_path / "sweep"
     result = run_cli("tailtune-train", "-m", "debug=smoke", "launcher=joblib",
-                     "hydra.launcher.n_jobs=2", "sampler=over", "seed=3,3",
+                     "hydra.launcher.n_jobs=2", "sampler=over", "seed=3,3", "data.num_workers=1",
                      f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = _job_dirs(sweep)
@@ -81,7 +82,7 @@ def test_same_seed_gives_identical_metrics_under_joblib_and_basic_launchers(tmp_
     assert "threads: 1" in (jobs[0] / "config.yaml").read_text()
     alone = tmp_path / "alone"
     result = run_cli("tailtune-train", "debug=smoke", "sampler=over", "seed=3", "threads=1",
-                     f"hydra.run.dir={alone}", cwd=tmp_path)
+                     "data.num_workers=1", f"hydra.run.dir={alone}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     solo, joblib = _metrics(alone), _metrics(jobs[0])
     assert solo["val"] == joblib["val"] and solo["test"] == joblib["test"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -70,6 +71,16 @@ class EvalShardSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def worker_start_method(num_workers: int) -> str | None:
+    """How loader workers start: the process's default, except inside a joblib sweep job,
+    whose default is loky's own start method; torch cannot start workers with it (a pickling
+    error, then Lightning's "Please call `iter(combined_loader)` first"), so such a job starts
+    them as a single run would: fork where the platform has it."""
+    if num_workers == 0 or multiprocessing.get_start_method(allow_none=True) != "loky":
+        return None
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 def eval_sampler(split: str, dataset: Dataset) -> EvalShardSampler:
@@ -394,6 +405,7 @@ class ImbalancedDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
             generator=generator,
+            multiprocessing_context=worker_start_method(self.num_workers),
         )
 
     def build_train_sampler(self) -> Sampler[int]:

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tailtune.console import track
-from tailtune.data.datamodule import ImbalancedDataModule, eval_sampler
+from tailtune.data.datamodule import ImbalancedDataModule, eval_sampler, worker_start_method
 from tailtune.data.info import DatasetInfo
 from tailtune.features.cache import FeatureCache, cache_key, indices_sha256
 from tailtune.features.extractor import FeatureExtractor
@@ -101,7 +101,8 @@ def extract_features(dataset: Dataset, extractor: FeatureExtractor, batch_size: 
     # Its own generator: a loader without one draws its base seed from the global RNG, and a
     # cache miss would then initialise the head differently from a hit.
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        generator=torch.Generator())
+                        generator=torch.Generator(),
+                        multiprocessing_context=worker_start_method(num_workers))
     first = next(extractor.parameters(), None)
     home = first.device if first is not None else torch.device("cpu")
     extractor.to(device).eval()
