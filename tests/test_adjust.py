@@ -222,6 +222,28 @@ def test_module_adopts_a_tuned_step_only_when_it_helps_out_of_fold(monkeypatch, 
     assert report["logit_adjust_tau"] == pytest.approx(1.0, abs=0.25)
 
 
+def test_a_tuned_model_reports_its_validation_score_out_of_fold():
+    """A per-class bias tuned on noise fits it: in sample the val score rises well above
+    chance; the out-of-fold score that selection reads (val.bal_acc_out_of_fold) stays near
+    chance. A real shift (the prior) is found out of fold too. Nothing tuned: no such score."""
+    in_sample, out_of_fold = [], []
+    for seed in range(6):  # chance is 0.25
+        g = torch.Generator().manual_seed(seed)
+        noise, y = torch.randn(80, 4, generator=g), torch.arange(4).repeat(20)
+        tuned = SmallModule(_info(), posthoc=["bias"], posthoc_crossfit=False)
+        out_of_fold.append(tuned.fit_posthoc(noise, y)["val_bal_acc_out_of_fold"])
+        in_sample.append(adjust.balanced_accuracy(tuned.adjust_logits(noise), y))
+    assert np.mean(in_sample) - np.mean(out_of_fold) > 0.05 and np.mean(out_of_fold) < 0.29
+    shifted, y_shifted = gaussian_task(1200, seed=0)
+    model = SmallModule(_info(), posthoc=["bias"])
+    report = model.fit_posthoc(shifted, y_shifted)
+    assert report["val_bal_acc_out_of_fold"] == pytest.approx(
+        adjust.balanced_accuracy(model.adjust_logits(shifted), y_shifted), abs=0.02)
+    assert report["val_bal_acc_out_of_fold"] > adjust.balanced_accuracy(shifted, y_shifted) + 0.05
+    untuned = SmallModule(_info(), posthoc=["temperature"])
+    assert untuned.fit_posthoc(shifted, y_shifted)["val_bal_acc_out_of_fold"] is None
+
+
 def test_small_validation_split_is_reported(caplog):
     model = SmallModule(_info(), posthoc=["logit_adjust"])
     logits, y = gaussian_task(12, seed=0)

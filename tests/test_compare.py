@@ -136,6 +136,79 @@ def test_a_tie_on_validation_picks_nothing(tmp_path, capsys):
         assert {r["val_pick"] for r in csv.DictReader(handle)} == {"0"}
 
 
+def test_how_a_run_was_run_does_not_split_a_config(tmp_path):
+    """A sweep rerun with resume=auto (or on another launcher or thread count) adds those
+    overrides to the runs it finishes; they are still the config the other seeds ran."""
+    root = tmp_path / "resumed"
+    _run(root, "0", ["loss=ce", "seed=1"], seed=1)
+    _run(root, "1", ["loss=ce", "seed=2", "resume=auto", "threads=1", "launcher=joblib",
+                     "hydra.sweep.dir=x", "paths.cache_dir=/tmp/c"], seed=2)
+    _run(root, "2", ["loss=ce", "seed=3", "ckpt_path=/other/last.ckpt"], seed=3)  # a warm start
+    _run(root, "3", ["loss=focal", "seed=4", "loss=ce"], seed=4)  # the last value counts
+    summaries = {s.key: s.n for s in summarize(find_runs(root), n_boot=20)}
+    assert summaries == {"loss=ce": 3, "ckpt_path=/other/last.ckpt,loss=ce": 1}
+
+
+def test_an_override_whose_value_holds_commas_stays_whole(tmp_path, capsys):
+    root = tmp_path / "lists"
+    for seed in (1, 2):
+        _run(root, f"a{seed}", [*SHARED, "model.posthoc=[logit_adjust,bias]", f"seed={seed}"],
+             seed=seed)
+        _run(root, f"b{seed}", [*SHARED, "model.posthoc=[temperature,bias]", f"seed={seed}"],
+             seed=seed + 5)
+    compare_main([str(root), "--bootstrap", "50", "--baseline",
+                  "model.posthoc=[logit_adjust,bias]"])
+    with open(root / "comparison.csv", newline="") as handle:
+        rows = {row["config"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"model.posthoc=[logit_adjust,bias]", "model.posthoc=[temperature,bias]"}
+    assert rows["model.posthoc=[temperature,bias]"]["delta_bal_acc"] != ""
+    assert "Shared by all runs: `data.imbalance_ratio=20`, `debug=smoke`\n" in \
+        (root / "comparison.md").read_text()
+    out = capsys.readouterr().out  # printed as text, not read as rich markup
+    assert "model.posthoc=[temperature,bias]" in out and "[paired 95% CI]" in out
+
+
+def test_validation_picks_on_the_out_of_fold_score_of_tuned_runs(tmp_path, capsys):
+    """A per-class bias tuned on val scores high on the images it was tuned on; its run
+    records the out-of-fold score too, and the pick (and the column) read that one."""
+    root = tmp_path / "tuned"
+    _run(root, "0", ["model.posthoc=bias", "seed=1"], seed=1, val=0.95)
+    _run(root, "1", ["model.posthoc=none", "seed=1"], seed=2, val=0.90)
+    metrics = json.loads((root / "0" / "metrics.json").read_text())
+    metrics["val"]["bal_acc_out_of_fold"] = 0.86
+    (root / "0" / "metrics.json").write_text(json.dumps(metrics))
+    compare_main([str(root), "--bootstrap", "50"])
+    assert "Validation picks `model.posthoc=none` (val bal_acc 0.9000" in capsys.readouterr().out
+    with open(root / "comparison.csv", newline="") as handle:
+        rows = {row["config"]: row for row in csv.DictReader(handle)}
+    assert float(rows["model.posthoc=bias"]["val_bal_acc_mean"]) == pytest.approx(0.86)
+
+
+def test_runs_validated_on_test_offer_no_pick(tmp_path, capsys):
+    root = tmp_path / "val_is_test"
+    for name, loss, val in (("0", "ce", 0.9), ("1", "focal", 0.8)):
+        _run(root, name, [f"loss={loss}", "seed=1", "data.val_fraction=0"], seed=1, val=val)
+        metrics = json.loads((root / name / "metrics.json").read_text())
+        metrics["dataset"] = {"val_is_test": True}
+        (root / name / "metrics.json").write_text(json.dumps(metrics))
+    compare_main([str(root), "--bootstrap", "50"])
+    out = capsys.readouterr().out
+    assert "validated on the test split" in out and "Validation picks" not in out
+    assert "(pick)" not in (root / "comparison.md").read_text()
+
+
+def test_a_resumed_run_has_no_wall_time_to_compare(tmp_path):
+    """Its earlier processes' time is unknown: the config's wall time is "–", not the last
+    stretch's (timings.json of a resumed run, tailtune.run_record)."""
+    root = tmp_path / "wall"
+    _run(root, "0", ["loss=ce", "seed=1"], seed=1)
+    _run(root, "1", ["loss=ce", "seed=2"], seed=2)
+    (root / "1" / "timings.json").write_text(json.dumps(
+        {"wall_s_since_resume": 12.0, "resumed_from": "last.ckpt"}))
+    (summary,) = summarize(find_runs(root), n_boot=20)
+    assert "wall_s" not in summary.mean
+
+
 def test_console_table_keeps_numbers_and_overrides_whole(tmp_path, capsys):
     """Long override names (a recipe with five switches) once folded every cell mid-number in
     a log file; each override and each mean ± std must read on one line."""
@@ -171,7 +244,7 @@ def test_a_narrow_terminal_loses_optional_columns_not_digits():
     from tailtune.report.compare import DELTA_HEADER, HEADER
 
     columns = [*HEADER, DELTA_HEADER]
-    row = ["ablation=head_first,experiment=lt_recipe", "3", *(["0.8287 ± 0.0023"] * 8),
+    row = ["ablation=head_first\nexperiment=lt_recipe", "3", *(["0.8287 ± 0.0023"] * 8),
            "[0.8069, 0.8474]", "0.8509 (pick)", "461 ± 10", "+0.0093 [-0.0072, +0.0269]"]
     console = Console(force_terminal=True, width=120, record=True)
     table, left_out = fitted_table("t", columns, [row], console)

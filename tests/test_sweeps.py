@@ -178,6 +178,10 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_an_uninterrupted_run(tmp_pat
     assert f"Restored all states from the checkpoint at {killed_dir / 'checkpoints'}" in log
     a, b = _metrics(tmp_path / "whole"), _metrics(killed_dir)
     assert a["val"] == b["val"] and a["test"] == b["test"]
+    # The killed process's time is unknown: no wall_s that would look like the whole run's.
+    timings = json.loads((killed_dir / "timings.json").read_text())
+    assert "wall_s" not in timings and timings["resumed_from"].endswith("last.ckpt")
+    assert "wall_s" in json.loads((tmp_path / "whole" / "timings.json").read_text())
 
 
 def test_sigterm_saves_a_checkpoint_and_the_restart_resumes(tmp_path):

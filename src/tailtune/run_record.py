@@ -4,7 +4,9 @@
   ``done`` never looks complete.
 - ``run.json``: git commit, dirty flag, key package versions, command line.
 - ``metrics.json``: final val and test metrics, written last and atomically.
-- ``timings.json``: wall times, kept apart so metrics compare exactly across runs.
+- ``timings.json``: wall times, kept apart so metrics compare exactly across runs. A run
+  resumed from a checkpoint has no ``wall_s`` (what its earlier processes spent is unknown),
+  only ``wall_s_since_resume``: comparisons at equal wall time leave it out.
 """
 
 from __future__ import annotations
@@ -65,6 +67,15 @@ def finished_metrics(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
+def selection_value(metrics: dict[str, Any], name: str) -> float:
+    """The value a run is chosen by: ``val/bal_acc`` -> ``metrics["val"]["bal_acc"]``, or its
+    out-of-fold version where the run tuned post-hoc steps on val (``bal_acc_out_of_fold``):
+    the score on the images a step was tuned on is optimistic. NaN when absent."""
+    stage, _, key = name.partition("/")
+    values = metrics.get(stage) or {}
+    return float(values.get(f"{key}_out_of_fold", values.get(key, float("nan"))))
+
+
 class RunRecord:
     """Status, provenance, metrics and timings of one run dir. Only rank zero writes."""
 
@@ -72,6 +83,7 @@ class RunRecord:
         self.run_dir = Path(run_dir)
         self.rank_zero = rank_zero
         self.started = time.time()
+        self.resumed_from: str | None = None  # set when this process resumed a checkpoint
 
     @property
     def metrics_path(self) -> Path:
@@ -109,5 +121,7 @@ class RunRecord:
         if not self.rank_zero:
             return
         write_json(self.metrics_path, metrics)
-        write_json(self.run_dir / "timings.json", {"wall_s": round(time.time() - self.started, 2)})
+        wall_s = round(time.time() - self.started, 2)
+        write_json(self.run_dir / "timings.json", {"wall_s": wall_s} if not self.resumed_from
+                   else {"wall_s_since_resume": wall_s, "resumed_from": self.resumed_from})
         self.set_status("done")

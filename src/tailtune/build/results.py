@@ -48,6 +48,8 @@ def final_metrics(trainer: L.Trainer, model: ClassifierModule, datamodule: L.Lig
             trainer.save_checkpoint(best)
         trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)
         metrics["val"] = dict(model.val_results)
+        if (out_of_fold := metrics["posthoc"].get("val_bal_acc_out_of_fold")) is not None:
+            metrics["val"]["bal_acc_out_of_fold"] = out_of_fold  # what selection reads
     if test:
         trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
         metrics["test"] = dict(model.test_results)
@@ -91,8 +93,3 @@ def write_test_artifacts(model: ClassifierModule, run_dir: Path) -> None:
         np.savez_compressed(run_dir / "test_predictions.npz", targets=targets.numpy(),
                             probs=probs.numpy(), class_names=np.array(model.class_names))
 
-
-def optimized_value(metrics: dict[str, Any], name: str) -> float:
-    """``val/bal_acc`` -> metrics["val"]["bal_acc"]."""
-    stage, _, key = name.partition("/")
-    return float(metrics.get(stage, {}).get(key, float("nan")))

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | None = None,
             n_boot: int = 1000, baseline: str | None = None) -> Path:
     from rich.console import Console
+    from rich.markup import escape
 
     from tailtune.report import compare as agg
     from tailtune.report import plots
@@ -32,19 +33,20 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
 
     name = sweep_name(sweep_dirs)
     title = f"{name}: {len(summaries)} configs, {len(runs)} runs, sorted by test {sort_by}"
-    title += f"\nall runs: {','.join(common)}" if common else ""
+    title += f"\nall runs: {', '.join(common)}" if common else ""
+    title = escape(title)  # overrides such as model.posthoc=[a,b] are text, not rich markup
     console = Console()
-    table, left_out = fitted_table(title, agg.header(summaries), agg.table_rows(summaries),
-                                   console)
+    rows = agg.table_rows(summaries, config_sep="\n")  # one override per line
+    table, left_out = fitted_table(title, agg.header(summaries), rows, console)
     console.print(table)
     if left_out:
         console.print(f"left out to fit {console.width} columns (in comparison.md and .csv): "
                       + ", ".join(left_out), soft_wrap=True, highlight=False)
     if (pick := agg.pick_sentence(summaries)):
-        console.print(pick)
+        console.print(escape(pick))
     for run in unfinished:
         reason = f": {run.error}" if run.error else ""
-        console.print(f"[yellow]{run.status}[/] {run.path}{reason}")
+        console.print(f"[yellow]{run.status}[/] " + escape(f"{run.path}{reason}"))
 
     agg.write_csv(summaries, out / "comparison.csv")
     agg.write_markdown(summaries, unfinished, out / "comparison.md", sort_by, common, name)
@@ -56,7 +58,8 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
         written += ["comparison_bal_acc.png", "comparison_recall.png", "comparison_shots.png"]
     else:
         console.print("[yellow]no run finished:[/] nothing to plot")
-    console.print(f"[bold green]written to {out}:[/] {', '.join(written)}", soft_wrap=True)
+    console.print(f"[bold green]written to {escape(str(out))}:[/] {', '.join(written)}",
+                  soft_wrap=True)
     return out
 
 
@@ -73,17 +76,19 @@ def fitted_table(title: str, columns: list[str], rows: list[list[str]],
     columns left out. A log or a pipe gets every column at full width; a terminal too narrow
     for them loses the OPTIONAL columns, in that order, and only if it is narrower still do
     cells wrap. (Rich otherwise squeezes the config column to nothing and cuts numbers.)"""
+    from rich.markup import escape
     from rich.measure import Measurement
     from rich.table import Table
 
     def build(keep: list[int], wrap: bool = False) -> Table:
         table = Table(title=title, show_lines=True)
-        # A config is one override per line, so it wraps between overrides.
-        table.add_column(columns[0], overflow="fold")
+        # A config is one override per line (table_rows), so it wraps between overrides.
+        table.add_column(escape(columns[0]), overflow="fold")
         for i in keep[1:]:
-            table.add_column(columns[i], no_wrap=not wrap)  # numbers whole, unless nothing fits
+            # numbers whole, unless nothing fits
+            table.add_column(escape(columns[i]), no_wrap=not wrap)
         for row in rows:
-            table.add_row(row[0].replace(",", "\n"), *(row[i] for i in keep[1:]))
+            table.add_row(*(escape(row[i]) for i in keep))
         return table
 
     def width(table: Table) -> Measurement:  # unclamped: what the table needs, not the console

@@ -37,7 +37,7 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
     from tailtune import console as output
     from tailtune.build import checkpoints, ensemble, models, results, trainer
     from tailtune.build.config import config_tree, config_yaml, model_class, run_name
-    from tailtune.run_record import RunRecord, finished_metrics
+    from tailtune.run_record import RunRecord, finished_metrics, selection_value
 
     output.setup()
     console = output.CONSOLE
@@ -48,7 +48,7 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
             raise FileExistsError(f"{run_dir} already holds a finished run; pass resume=auto "
                                   "to skip it, or choose another hydra.run.dir")
         console.print(f"[yellow]skipping finished run[/] {run_dir}")
-        return results.optimized_value(done, cfg.optimized_metric)
+        return selection_value(done, cfg.optimized_metric)
 
     record = RunRecord(run_dir, rank_zero=trainer.is_rank_zero())
     record.start({"choices": choices or {}, "overrides": overrides or []})
@@ -79,6 +79,7 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
                 checkpoints.check_same_split(
                     checkpoints.dataset_info(checkpoints.read_checkpoint(resume_from)),
                     datamodule.info, "the checkpoint to resume")
+                record.resumed_from = str(resume_from)
             ddp_relaunch_as_single_run(str(run_dir))
             fitter.fit(model, datamodule=datamodule, ckpt_path=resume_from)
             metrics = results.final_metrics(fitter, model, datamodule,
@@ -94,7 +95,7 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
         raise
     record.finish(metrics)
     output.print_results(metrics, run_dir)
-    return results.optimized_value(metrics, cfg.optimized_metric)
+    return selection_value(metrics, cfg.optimized_metric)
 
 
 @readable_config_errors

@@ -255,6 +255,7 @@ class ImbalancedDataModule(L.LightningDataModule):
             class_counts=tuple(int(c) for c in counts),
             split_fingerprint=split_fingerprint(name, self.split_indices),
             image_size=self.image_size,
+            val_is_test=self.val_is_test,
         )
         self._split_labels = {s: labels[idx] for s, idx in self.split_indices.items()}
         # Built here, not in train_dataloader, so a sampler that cannot work fails before

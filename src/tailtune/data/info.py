@@ -18,6 +18,8 @@ class DatasetInfo:
     class_counts: tuple[int, ...]  # training split, after any long-tail construction
     split_fingerprint: str
     image_size: int
+    # data.val_fraction=0: validation is the test split, so a choice made on it is made on test.
+    val_is_test: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -42,4 +44,5 @@ class DatasetInfo:
             class_counts=tuple(int(c) for c in data["class_counts"]),
             split_fingerprint=data["split_fingerprint"],
             image_size=int(data["image_size"]),
+            val_is_test=bool(data.get("val_is_test", False)),  # absent before 2026-12-05
         )

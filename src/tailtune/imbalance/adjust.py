@@ -14,7 +14,9 @@ Pure functions on logits ``[N, K]`` and integer targets ``[N]``:
 
 Tuning on a small validation split fits its noise: :func:`crossfitted_gain` measures, by
 K-fold cross-fitting on the validation split itself, whether a tuned adjustment helps on
-validation images it was not tuned on; tailtune adopts it only then.
+validation images it was not tuned on; tailtune adopts it only then, and reports the tuned
+model's validation score out of fold (:func:`out_of_fold_balanced_accuracy`), since its score on
+the images it was tuned on is optimistic.
 
 Balanced accuracy here averages recall over the classes present in the targets, like
 ``sklearn.metrics.balanced_accuracy_score`` and tailtune's metrics.
@@ -37,6 +39,7 @@ __all__ = [
     "expected_calibration_error",
     "fit_temperature",
     "negative_log_likelihood",
+    "out_of_fold_balanced_accuracy",
     "tau_norm_logits",
     "tau_normalized_weight",
     "tune_class_bias",
@@ -96,14 +99,14 @@ def _pick(grid: Sequence[float], scores: Sequence[float]) -> float:
     return float(winners[(len(winners) - 1) // 2])
 
 
-def crossfitted_gain(
+def out_of_fold_balanced_accuracy(
     logits: Tensor, targets: Tensor, fit: Callable[[Tensor, Tensor], Callable[[Tensor], Tensor]],
-    baseline: Callable[[Tensor], Tensor], folds: int = 5, seed: int = 0,
+    folds: int = 5, seed: int = 0,
 ) -> float | None:
-    """Balanced accuracy of out-of-fold predictions, each fold adjusted by what ``fit`` tuned
-    on the other folds (``fit(logits, targets) -> adjust``), minus that of ``baseline`` (the
-    untuned adjustment) on the same images. Stratified folds, at most as many as the
-    smallest class has images; None when a class has fewer than 2 (nothing to cross-fit)."""
+    """Balanced accuracy of out-of-fold predictions: each fold adjusted by what ``fit`` tuned
+    on the other folds (``fit(logits, targets) -> adjust``). Stratified folds, at most as many
+    as the smallest class has images; None when a class has fewer than 2 (nothing to
+    cross-fit). Unlike the score on the images it was tuned on, it is not optimistic."""
     from sklearn.model_selection import StratifiedKFold
 
     logits, targets = _check(logits, targets)
@@ -116,7 +119,20 @@ def crossfitted_gain(
     for tuned_on, held_out in splitter.split(np.zeros(len(targets)), targets.numpy()):
         adjust = fit(logits[tuned_on], targets[tuned_on])
         out_of_fold[held_out] = adjust(logits[held_out])
-    return balanced_accuracy(out_of_fold, targets) - balanced_accuracy(baseline(logits), targets)
+    return balanced_accuracy(out_of_fold, targets)
+
+
+def crossfitted_gain(
+    logits: Tensor, targets: Tensor, fit: Callable[[Tensor, Tensor], Callable[[Tensor], Tensor]],
+    baseline: Callable[[Tensor], Tensor], folds: int = 5, seed: int = 0,
+) -> float | None:
+    """:func:`out_of_fold_balanced_accuracy` of ``fit`` minus the balanced accuracy of
+    ``baseline`` (the untuned adjustment) on the same images; None where it is None."""
+    tuned = out_of_fold_balanced_accuracy(logits, targets, fit, folds, seed)
+    if tuned is None:
+        return None
+    logits, targets = _check(logits, targets)
+    return tuned - balanced_accuracy(baseline(logits), targets)
 
 
 def tune_logit_adjustment(

@@ -370,7 +370,8 @@ class ClassifierModule(L.LightningModule):
                         "on it is noisy%s", smallest, "; tuned steps are kept only where "
                         "cross-fitting shows they help" if self.posthoc_crossfit else "")
         gains = report["crossfit_gain"] = {}
-        tau = float(self.posthoc_tau)
+        tau = untuned_tau = float(self.posthoc_tau)
+        untuned_bias = self.posthoc_bias.float().cpu()
         # tau is tuned on the logits adjust_logits shifts (smoothing's floor off when tau != 0;
         # at tau = 0 the argmax is the same either way).
         unsmoothed = self.without_smoothing_floor(logits)
@@ -379,24 +380,25 @@ class ClassifierModule(L.LightningModule):
                 tuned, _ = adjust.tune_logit_adjustment(z, t, log_prior)
                 return lambda q: q - tuned * log_prior
 
-            untuned = tau
             if self._adopt("logit_adjust", unsmoothed, targets, fit_tau, gains,
-                           baseline=lambda q: q - untuned * log_prior):
+                           baseline=lambda q: q - untuned_tau * log_prior):
                 tau, _ = adjust.tune_logit_adjustment(unsmoothed, targets, log_prior)
         z = (unsmoothed if tau != 0.0 else logits) - tau * log_prior
-        bias = self.posthoc_bias.float().cpu()
+        bias = untuned_bias
         if "bias" in self.posthoc:
             def fit_bias(z: Tensor, t: Tensor) -> Callable[[Tensor], Tensor]:
                 tuned = adjust.tune_class_bias(z, t)
                 return lambda q: q + tuned
 
-            untuned_bias = bias
             if self._adopt("bias", z, targets, fit_bias, gains,
                            baseline=lambda q: q + untuned_bias):
                 bias = adjust.tune_class_bias(z, targets)
         z = z + bias
         temperature = adjust.fit_temperature(z, targets) if "temperature" in self.posthoc \
             else float(self.posthoc_temperature)
+        report["val_bal_acc_out_of_fold"] = self._out_of_fold_score(
+            logits, targets, tuned_tau=tau != untuned_tau, tau=tau,
+            tuned_bias=not torch.equal(bias, untuned_bias), bias=bias)
         self.posthoc_tau.fill_(tau)
         self.posthoc_bias.copy_(bias)
         self.posthoc_temperature.fill_(temperature)
@@ -404,6 +406,32 @@ class ClassifierModule(L.LightningModule):
                        "temperature": temperature,
                        "val_after": _calibration(self.adjust_logits(logits), targets)})
         return report
+
+    def _out_of_fold_score(self, logits: Tensor, targets: Tensor, *, tuned_tau: bool,
+                           tau: float, tuned_bias: bool, bias: Tensor) -> float | None:
+        """Validation balanced accuracy of the adopted tuning, out of fold: each fold scored
+        with tau and bias tuned (as adopted) on the other folds. The score on the images they
+        were tuned on is optimistic, more so the more classes a bias has to fit (a config
+        with a tuned bias would win validation's pick for that alone). None when nothing was
+        tuned (val's own score is then honest) or a class has < 2 val images."""
+        from tailtune.imbalance import adjust
+
+        if not (tuned_tau or tuned_bias):
+            return None
+        log_prior = self.log_prior.float().cpu()
+
+        def fit(raw: Tensor, t: Tensor) -> Callable[[Tensor], Tensor]:
+            fold_tau = adjust.tune_logit_adjustment(self.without_smoothing_floor(raw), t,
+                                                    log_prior)[0] if tuned_tau else tau
+
+            def shift(q: Tensor) -> Tensor:
+                return (self.without_smoothing_floor(q) if fold_tau != 0.0 else q) \
+                    - fold_tau * log_prior
+
+            fold_bias = adjust.tune_class_bias(shift(raw), t) if tuned_bias else bias
+            return lambda q: shift(q) + fold_bias
+
+        return adjust.out_of_fold_balanced_accuracy(logits, targets, fit)
 
     def _adopt(self, step: str, logits: Tensor, targets: Tensor,
                fit: Callable[[Tensor, Tensor], Callable[[Tensor], Tensor]],

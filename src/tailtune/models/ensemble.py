@@ -264,6 +264,9 @@ class EnsembleModule(ClassifierModule):
             self._report["posthoc"] = {**self.fit_posthoc(raw, targets),
                                        "before": {"val": before}}
         self.val_results = self.score(self.adjust_logits(raw), targets)
+        out_of_fold = self._report.get("posthoc", {}).get("val_bal_acc_out_of_fold")
+        if out_of_fold is not None:  # what selection reads (tailtune.run_record)
+            self.val_results["bal_acc_out_of_fold"] = out_of_fold
         self._log_split("val", logits, targets)
         return None
 

@@ -20,8 +20,8 @@ SHOTS = ("many_acc", "medium_acc", "few_acc")
 
 @dataclass
 class ConfigSummary:
-    key: str
-    runs: list[Run]
+    parts: tuple[str, ...]  # the config's overrides (Run.config_parts; shortened by
+    runs: list[Run]         # strip_common_overrides to what differs between configs)
     mean: dict[str, float] = field(default_factory=dict)
     std: dict[str, float] = field(default_factory=dict)
     ci: tuple[float, float] | None = None
@@ -30,10 +30,19 @@ class ConfigSummary:
     # Seed-mean balanced accuracy minus the baseline's, with its paired 95 % CI.
     delta: tuple[float, float, float] | None = None
     is_baseline: bool = False
+    val_is_test: bool = False  # a run validated on the test split: no val score to choose by
 
     @property
     def n(self) -> int:
         return len(self.runs)
+
+    @property
+    def key(self) -> str:
+        """The config's name: its overrides joined by commas."""
+        return self.joined(",")
+
+    def joined(self, sep: str) -> str:
+        return sep.join(self.parts) or "(defaults)"
 
     def add(self, name: str, values: list[float]) -> None:
         """Mean and sample std of ``name`` over the runs; one run has no spread: "–", not 0."""
@@ -161,13 +170,13 @@ def summarize(runs: list[Run], n_boot: int = 1000, baseline: str | None = None
     """Finished runs grouped by config (overrides minus seed), with mean, std and CI; with
     ``baseline`` (an override that names one config, e.g. ``experiment=lt_plain``) each other
     config's paired difference from it."""
-    groups: dict[str, list[Run]] = defaultdict(list)
+    groups: dict[tuple[str, ...], list[Run]] = defaultdict(list)
     for run in runs:
         if run.status == "done" and run.metrics.get("test"):
-            groups[run.config_key].append(run)
+            groups[run.config_parts].append(run)
     summaries = []
-    for key, members in groups.items():
-        summary = ConfigSummary(key, members)
+    for parts, members in groups.items():
+        summary = ConfigSummary(parts, members)
         names = sorted({k for r in members for k in r.metrics["test"]})
         for name in names:
             summary.add(name, [r.metrics["test"][name] for r in members
@@ -175,8 +184,11 @@ def summarize(runs: list[Run], n_boot: int = 1000, baseline: str | None = None
         walls = [r.wall_s for r in members]
         if all(w is not None for w in walls):
             summary.add("wall_s", walls)
-        val = [r.metrics.get("val", {}).get("bal_acc") for r in members]
-        if all(v is not None for v in val):
+        # Out of fold where post-hoc steps were tuned on val; none where val is the test split
+        # (data.val_fraction=0): a choice made there is made on test.
+        val = [r.val_score for r in members]
+        summary.val_is_test = any(r.val_is_test for r in members)
+        if all(v is not None for v in val) and not summary.val_is_test:
             summary.add("val_bal_acc", val)
         predictions = [p for p in map(_load_predictions, members) if p is not None]
         if len(predictions) == len(members) and predictions:
@@ -189,7 +201,7 @@ def summarize(runs: list[Run], n_boot: int = 1000, baseline: str | None = None
 
 
 def _add_differences(summaries: list[ConfigSummary], baseline: str, n_boot: int) -> None:
-    matches = [s for s in summaries if baseline in s.key.split(",")]
+    matches = [s for s in summaries if baseline in s.parts]
     if len(matches) != 1:
         keys = "; ".join(s.key for s in summaries) or "none finished"
         raise ValueError(f"--baseline {baseline} names {len(matches)} configs, not one; "
@@ -206,10 +218,10 @@ def _add_differences(summaries: list[ConfigSummary], baseline: str, n_boot: int)
 
 def strip_common_overrides(summaries: list[ConfigSummary]) -> list[str]:
     """Shorten keys to what differs between configs; returns the overrides all share."""
-    parts = [set(s.key.split(",")) for s in summaries]
+    parts = [set(s.parts) for s in summaries]
     common = sorted(set.intersection(*parts)) if len(parts) > 1 else []
     for summary, own in zip(summaries, parts, strict=True):
-        summary.key = ",".join(sorted(own - set(common))) or "(defaults)"
+        summary.parts = tuple(sorted(own - set(common)))
     return common
 
 
@@ -233,7 +245,8 @@ def _delta(summary: ConfigSummary) -> str:
 
 
 def val_pick(summaries: list[ConfigSummary]) -> ConfigSummary | None:
-    """The config with the highest mean val balanced accuracy: the one to choose. Test ranks
+    """The config with the highest mean val balanced accuracy (out of fold where a run tuned
+    post-hoc steps on val, whose in-sample score would favour it): the one to choose. Test ranks
     configs too, but a choice made on test makes its own test score optimistic (the sweep's
     best of several noisy scores). None unless two or more configs have val scores."""
     best = val_best(summaries)
@@ -242,7 +255,9 @@ def val_pick(summaries: list[ConfigSummary]) -> ConfigSummary | None:
 
 def val_best(summaries: list[ConfigSummary]) -> list[ConfigSummary]:
     """The configs sharing the highest mean val balanced accuracy (more than one: a tie);
-    empty unless two or more configs have val scores."""
+    empty unless two or more configs have val scores, or any validated on test."""
+    if any(s.val_is_test for s in summaries):
+        return []
     scored = [s for s in summaries if "val_bal_acc" in s.mean]
     if len(scored) < 2:
         return []
@@ -253,8 +268,9 @@ def val_best(summaries: list[ConfigSummary]) -> list[ConfigSummary]:
 PICK = " (pick)"
 
 
-def table_rows(summaries: list[ConfigSummary]) -> list[list[str]]:
-    """One row per config; with a baseline, a last column: the paired difference."""
+def table_rows(summaries: list[ConfigSummary], config_sep: str = ",") -> list[list[str]]:
+    """One row per config, its overrides joined by ``config_sep``; with a baseline, a last
+    column: the paired difference."""
     paired = any(s.is_baseline for s in summaries)
     pick = val_pick(summaries)
     rows = []
@@ -263,7 +279,7 @@ def table_rows(summaries: list[ConfigSummary]) -> list[list[str]]:
         # The mean alone (its std is in the CSV): the column stays narrow beside the others.
         val = (f"{s.mean['val_bal_acc']:.4f}" if "val_bal_acc" in s.mean else "–") \
             + (PICK if s is pick else "")
-        rows.append([s.key, str(s.n), *(_fmt(s, c) for c in COLUMNS), ci, val,
+        rows.append([s.joined(config_sep), str(s.n), *(_fmt(s, c) for c in COLUMNS), ci, val,
                      _fmt(s, "wall_s", 0), *([_delta(s)] if paired else [])])
     return rows
 
@@ -306,6 +322,10 @@ def _cell(value: float | None) -> str | float:
 
 def pick_sentence(summaries: list[ConfigSummary]) -> str | None:
     """What validation chooses, said once under the table (Markdown and console alike)."""
+    if any(s.val_is_test for s in summaries):
+        return ("Runs here validated on the test split (data.val_fraction=0): there is no "
+                "validation score to choose a config by, and the config best on test has an "
+                "optimistic test score. Give the data a validation split to choose.")
     best = val_best(summaries)
     if len(best) > 1:
         tied = ", ".join(f"`{s.key}`" for s in best)

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tailtune.run_record import selection_value
+
 SEED_KEYS = ("seed",)
+# How a run is run, not what it computes (overrides of these or anything under them): a sweep
+# rerun with resume=auto, or on another launcher or thread count, is still the same config.
+# ckpt_path is not among them: it can warm-start.
+NOT_CONFIG = (*SEED_KEYS, "resume", "threads", "launcher", "logger", "keep_freed_memory",
+              "requeue_signal", "paths", "hydra")
+
+
+def is_config_override(override: str) -> bool:
+    return override.split("=", 1)[0].lstrip("+~").split(".", 1)[0] not in NOT_CONFIG
 
 
 @dataclass
@@ -22,11 +34,31 @@ class Run:
     wall_s: float | None = None  # the run's wall time (timings.json), for equal-time comparisons
 
     @property
+    def config_parts(self) -> tuple[str, ...]:
+        """The run's overrides that define its config, sorted: runs differing only in seed
+        (or in how they were run) are one config. A tuple, since an override's value may
+        itself hold commas (``model.posthoc=[logit_adjust,bias]``)."""
+        last: dict[str, str] = {}  # a key given twice takes its last value, as in Hydra
+        for override in self.overrides:
+            if is_config_override(override):
+                last[override.split("=", 1)[0].lstrip("+~")] = override
+        return tuple(sorted(last.values()))
+
+    @property
     def config_key(self) -> str:
-        """The run's overrides without the seed: runs differing only in seed are one config."""
-        kept = [o for o in self.overrides if o.split("=", 1)[0].lstrip("+~") not in SEED_KEYS
-                and not o.startswith("hydra.")]
-        return ",".join(sorted(kept)) or "(defaults)"
+        """:attr:`config_parts` for display, joined by commas."""
+        return ",".join(self.config_parts) or "(defaults)"
+
+    @property
+    def val_score(self) -> float | None:
+        """Validation balanced accuracy as selection reads it (out of fold where post-hoc
+        steps were tuned on val: :func:`tailtune.run_record.selection_value`)."""
+        value = selection_value(self.metrics, "val/bal_acc")
+        return None if math.isnan(value) else value
+
+    @property
+    def val_is_test(self) -> bool:
+        return bool(self.metrics.get("dataset", {}).get("val_is_test", False))
 
     @property
     def seed(self) -> str:
