@@ -493,6 +493,7 @@ def test_csv_manifest_paths_labels_and_splits(tmp_path):
 
 @pytest.mark.parametrize(("rows", "header", "match"), [
     (["a.png,cat,train", "a.png,cat,test"], "path,label,split", "listed twice"),
+    (["a.png,cat,train", "sub/../a.png,cat,test"], "path,label,split", "listed twice"),
     (["a.png,cat,holdout"], "path,label,split", "unknown split 'holdout'"),
     (["a.png,cat,train", "b.png,dog,test"], "path,label,split",
      "in the test split but not in train: dog"),
@@ -502,6 +503,37 @@ def test_csv_manifest_paths_labels_and_splits(tmp_path):
 def test_bad_manifests_are_refused(tmp_path, rows, header, match):
     with pytest.raises(ValueError, match=match):
         CsvManifestSource(str(_manifest(tmp_path, rows, header))).load()
+
+
+def test_one_image_under_two_names_is_refused(tmp_path):
+    """A symlink in test/ to a training image would test on a training image."""
+    write_digit_folder(tmp_path, {"train": {0: 3, 1: 3}, "test": {0: 2, 1: 2}})
+    (tmp_path / "test/1/link.png").symlink_to(tmp_path / "train/1/000.png")
+    with pytest.raises(ValueError, match="train/1/000.png and test/1/link.png are the same file"):
+        ImageFolderSource(str(tmp_path)).load()
+    rows = ["../train/0/000.png,zero,train", f"{tmp_path}/train/0/000.png,zero,test"]
+    with pytest.raises(ValueError, match="listed twice"):  # relative and absolute
+        CsvManifestSource(str(_manifest(tmp_path, rows))).load()
+
+
+def test_numeric_labels_that_compare_equal_keep_one_order():
+    from tailtune.data.folders import _sorted_labels
+
+    assert _sorted_labels({"1", "01", "10", "2"}) == ["01", "1", "2", "10"]
+
+
+def test_other_arrays_of_the_same_shape_get_another_split_fingerprint():
+    """Resume, ensembles and init_from compare fingerprints: arrays' content must count."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(60) % 3
+    prints = []
+    for _ in range(2):
+        dm = ImbalancedDataModule(
+            ArraySource(rng.integers(0, 256, (60, 8, 8), dtype=np.uint8), labels),
+            image_size=8, imbalance_ratio=1)
+        dm.setup()
+        prints.append(dm.info.split_fingerprint)
+    assert prints[0] != prints[1]
 
 
 def test_a_manifest_naming_missing_files_lists_them(tmp_path):

@@ -356,6 +356,11 @@ def test_eval_refuses_another_dataset_and_evaluates_moved_data(smoke_run, tmp_pa
                               tmp_path / "ev3")
     with pytest.raises(ValueError, match="data split of .* differs"):
         evaluate(split)
+    # One that changes how images are prepared is refused: the split check cannot see it.
+    size, _ = compose_config("eval", [f"ckpt_path={best}", "+data.image_size=24"],
+                             tmp_path / "ev5")
+    with pytest.raises(ValueError, match="data.image_size=24: the checkpoint was trained"):
+        evaluate(size)
     # One that does not (the loader's batch size) evaluates the same test split.
     same, _ = compose_config("eval", [f"ckpt_path={best}", "+data.eval_batch_size=7"],
                              tmp_path / "ev4")

@@ -196,6 +196,10 @@ def run_name(overrides: list[str] | None) -> str:
     return f"{name[:100]}…{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
+# Data keys that change how an image is prepared, not where it is.
+PREPROCESSING_KEYS = ("image_size", "resize")
+
+
 def eval_data_config(trained: DictConfig, requested: DictConfig | None) -> DictConfig:
     """The data a checkpoint is evaluated on: the one it was trained with, with the keys the
     user set (``+data.root=/moved/copy``) applied; the split check then refuses anything but
@@ -213,4 +217,10 @@ def eval_data_config(trained: DictConfig, requested: DictConfig | None) -> DictC
     if unknown:
         raise ValueError(f"data.{unknown[0]} is not a setting of the checkpoint's data "
                          f"({', '.join(sorted(trained))})")
+    for key in PREPROCESSING_KEYS:  # the split check cannot see these: the images change
+        if key in requested and requested[key] != trained.get(key):
+            raise ValueError(
+                f"data.{key}={requested[key]}: the checkpoint was trained and is tested with "
+                f"data.{key}={trained.get(key)}; metrics at another setting would not be this "
+                f"run's test metrics: drop data.{key}")
     return OmegaConf.merge(trained, requested)

@@ -111,6 +111,13 @@ def _assemble(name: str, entries: list[_Entry], class_names: list[str], base: Pa
                     name, len(bad), _listing(bad))
     readable = set(scan.images)
     kept = [e for e in entries if e.path in readable]
+    first: dict[Path, Path] = {}
+    for entry in kept:  # a symlink or another spelling of a path: in two splits, a leak
+        real = entry.path.resolve()
+        if real in first:
+            raise ValueError(f"{name}: {rel(first[real])} and {rel(entry.path)} are the same "
+                             f"file ({real}); list each image once")
+        first[real] = entry.path
     splits = sorted({e.split for e in entries}, key=["train", "val", "test"].index)
     for split in splits:
         counts = np.bincount([e.label for e in kept if e.split == split],
@@ -240,7 +247,7 @@ class ImageFolderSource(_CheckedFileSource):
 def _sorted_labels(labels: set[str]) -> list[str]:
     """Numeric labels in numeric order (2 before 10), others alphabetically."""
     if all(label.lstrip("-").isdigit() for label in labels):
-        return sorted(labels, key=int)
+        return sorted(labels, key=lambda label: (int(label), label))  # "1" and "01": stable
     return sorted(labels)
 
 
@@ -307,10 +314,11 @@ def read_manifest(manifest: Path, require_label: bool) -> list[tuple[Path, str, 
                 raise ValueError(f"{manifest}, line {number}: empty label")
             path = Path(row["path"]).expanduser()
             path = path if path.is_absolute() else manifest.parent / path
-            if path in seen:  # in two splits it would leak test images into training
+            real = path.resolve()  # a/../x.png, a symlink: still the same image
+            if real in seen:  # in two splits it would leak test images into training
                 raise ValueError(f"{manifest}: {row['path']} is listed twice (lines "
-                                 f"{seen[path]} and {number})")
-            seen[path] = number
+                                 f"{seen[real]} and {number})")
+            seen[real] = number
             rows.append((path, row.get("label", ""), SPLIT_ALIASES[split]))
     if not rows:
         raise ValueError(f"{manifest} lists no images")

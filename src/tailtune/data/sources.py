@@ -100,8 +100,11 @@ class ArraySource:
             splits = {"train": np.arange(n_train), "test": np.arange(n_train, n_train + n_test)}
         all_labels = np.concatenate(labels)
         names = self.class_names or [str(c) for c in range(int(all_labels.max()) + 1)]
+        # The arrays' digest in the split fingerprint: other arrays of the same size and name
+        # must not pass for this data when a checkpoint is resumed, ensembled or built on.
         return LabeledImages(name=self.name, images=np.concatenate(images), labels=all_labels,
-                             class_names=list(names), predefined_splits=splits)
+                             class_names=list(names), predefined_splits=splits,
+                             identity=self.fingerprint())
 
 
 def channels_first(images: np.ndarray) -> np.ndarray:
