@@ -133,6 +133,23 @@ def test_weighted_fit_finds_the_best_weights_on_validation():
     assert all(math.isclose(sum(w), 1.0) for w in simplex_grid(3, 0.1))
 
 
+def test_weighted_reports_cross_fitted_validation_scores():
+    """Weights searched on noise members beat the plain mean on the images they were
+    searched on; the validation scores it reports (what selection reads) come from weights
+    searched on the other folds, and stay near chance."""
+    in_sample, reported = [], []
+    for seed in range(8):  # chance is 0.2
+        rng = np.random.default_rng(seed)
+        y = torch.from_numpy(np.arange(60) % 5)
+        members = [torch.from_numpy(rng.normal(0, 3, (60, 5))).float() for _ in range(4)]
+        combiner = Weighted().fit(members, y)
+        in_sample.append(combiner.val_bal_acc)
+        reported.append(balanced_accuracy(combiner.combine_val(members), y))
+    assert np.mean(in_sample) - np.mean(reported) > 0.05 and np.mean(reported) < 0.23
+    fixed = Weighted(weights=[1.0, 1.0, 0.0, 0.0])
+    assert torch.equal(fixed.fit(members, y).combine_val(members), fixed.combine(members))
+
+
 def test_majority_vote_counts_votes_and_breaks_ties_by_mean_probability():
     a = torch.tensor([[5.0, 0.0, 0.0]])
     b = torch.tensor([[0.0, 5.0, 0.0]])
@@ -418,11 +435,18 @@ def test_boosted_probes_are_combined_with_their_samme_weights(smoke_cfg):
 
 
 @pytest.mark.slow
-def test_joint_training_sums_member_losses_in_one_run(smoke_cfg):
+def test_joint_training_sums_member_losses_in_one_run(smoke_cfg, monkeypatch):
+    from tailtune.models.finetune import FineTuneModule
+
     cfg, choices = smoke_cfg("model=ensemble", *SMALL, "model.training=joint",
                              "model.members=[efficientnet_lite0,efficientnet_lite1]",
                              "model.member_model=[finetune,linear_probe]")
+    calls = []  # each member's own training loss (mixup, if it mixes), not its bare criterion
+    own_loss = FineTuneModule.training_loss
+    monkeypatch.setattr(FineTuneModule, "training_loss",
+                        lambda self, *a: calls.append(1) or own_loss(self, *a))
     train(cfg, choices)
+    assert calls
     run_dir = Path(cfg.paths.output_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["members"]) == {"0-efficientnet_lite0", "1-efficientnet_lite1"}

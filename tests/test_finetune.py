@@ -106,6 +106,24 @@ def test_recipe_trains_the_whole_network_from_the_first_step_at_the_head_lr(smok
     assert snaps.lrs[-1][0] > 0.0
 
 
+def test_steps_per_epoch_come_from_the_loader_when_max_steps_cuts_the_fit():
+    """15 epochs of 50 steps cut to 300 by trainer.max_steps: an epoch is still 50 steps
+    (300 // 15 = 20 would start the backbone's warm-up at step 60 of a frozen epoch 1)."""
+    from types import SimpleNamespace
+
+    from tailtune.models.schedules import stepping_batches
+
+    cut = SimpleNamespace(estimated_stepping_batches=300, num_training_batches=50,
+                          accumulate_grad_batches=1, max_epochs=15)
+    assert stepping_batches(cut) == (300, 50)
+    accumulated = SimpleNamespace(estimated_stepping_batches=17 * 4, num_training_batches=33,
+                                  accumulate_grad_batches=2, max_epochs=4)
+    assert stepping_batches(accumulated) == (68, 17)
+    endless = SimpleNamespace(estimated_stepping_batches=120, num_training_batches=float("inf"),
+                              accumulate_grad_batches=1, max_epochs=4)
+    assert stepping_batches(endless) == (120, 30)
+
+
 def test_train_stages_limits_what_unfreezes(smoke_cfg, tmp_path):
     cfg, _ = smoke_cfg("model.train_stages=1", "model.lr=0.01")
     snaps = Snapshots()

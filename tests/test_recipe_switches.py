@@ -80,6 +80,20 @@ def test_lora_trains_only_the_adapters_and_its_checkpoint_reloads(smoke_cfg, tmp
         torch.testing.assert_close(reloaded(x), model(x))
 
 
+def test_lora_with_adapting_batchnorm_updates_its_statistics(smoke_cfg, tmp_path):
+    """LoRA trains no BatchNorm parameter, yet bn_after_unfreeze=train (the recipe's) must
+    still re-estimate the statistics of the stages that train; the weights stay."""
+    cfg, _ = smoke_cfg("model.tune=lora", "model.lora_rank=4", "model.lr=0.05",
+                       "model.backbone_lr_ratio=1.0", "model.bn_after_unfreeze=train")
+    snaps = Snapshots()
+    fit(cfg, tmp_path / "run", [snaps])
+    before, after = snaps.initial, snaps.backbone[-1]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    assert any(k.endswith("running_mean") for k in changed)
+    assert all(".lora_" in k or k.endswith(stats) for k in changed)
+
+
 def test_lora_targets_dense_layers_of_the_stages_that_train(smoke_cfg):
     """Depthwise convolutions and timm's dynamically padded Conv2dSame (lite0's stem) get no
     adapter; train_stages narrows the targets to the last stages; before training, the

@@ -14,7 +14,8 @@ ensemble's checkpoint carries.
 - ``mean_logit``: ``mean_m z_m``.
 - ``majority``: hard vote; only exact ties go to the higher mean probability.
 - ``weighted``: ``log sum_m w_m softmax(z_m)``, weights on the simplex chosen on validation
-  to maximise balanced accuracy (or fixed with ``weights=[...]``).
+  to maximise balanced accuracy (or fixed with ``weights=[...]``); its reported validation
+  scores are cross-fitted like stacking's.
 - ``stacking``: a ``LogisticRegression(class_weight='balanced')`` on the members'
   log-probabilities, with cross-fitting: each validation row's reported prediction comes from
   a model fitted on the other folds, so validation metrics never see their own training rows.
@@ -51,6 +52,20 @@ def _balanced_accuracy(scores: Tensor, targets: Tensor) -> float:
     from tailtune.imbalance.adjust import balanced_accuracy
 
     return balanced_accuracy(scores, targets)
+
+
+def cross_fit_folds(targets: np.ndarray, folds: int, seed: int
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(fit rows, held-out rows)`` of each fold: stratified with as many folds as the
+    rarest class allows, plain K-fold when a class has a single row."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    counts = np.bincount(targets)
+    smallest = int(counts[counts > 0].min())
+    folds = min(folds, len(targets))
+    splitter: Any = StratifiedKFold(min(folds, smallest), shuffle=True, random_state=seed) \
+        if smallest >= 2 else KFold(folds, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(targets)), targets))
 
 
 class Combiner:
@@ -175,7 +190,8 @@ class Weighted(Combiner):
     name = "weighted"
 
     def __init__(self, weights: Sequence[float] | None = None, step: float = 0.1,
-                 grid_max_members: int = 4, sweeps: int = 3) -> None:
+                 grid_max_members: int = 4, sweeps: int = 3, folds: int = 5,
+                 seed: int = 0) -> None:
         if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
             raise ValueError(f"combiner.weights must be >= 0 with a positive sum, got "
                              f"{list(weights)}")
@@ -185,7 +201,10 @@ class Weighted(Combiner):
         self.step = step
         self.grid_max_members = grid_max_members
         self.sweeps = sweeps
-        self.val_bal_acc: float | None = None
+        self.folds = folds
+        self.seed = seed
+        self.val_bal_acc: float | None = None  # in sample, on the images it was fitted on
+        self._oof: Tensor | None = None
 
     @staticmethod
     def _scores(probs: Tensor, weights: Sequence[float]) -> Tensor:
@@ -200,30 +219,49 @@ class Weighted(Combiner):
                 raise ValueError(f"combiner.weights has {len(self.weights)} entries for {m} "
                                  "members")
             return self
+        targets = torch.as_tensor(val_targets).long()
+        self.weights = list(self._search(probs, targets))
+        self.val_bal_acc = _balanced_accuracy(self._scores(probs, self.weights), targets)
+        # Validation scores of weights searched on the other folds: scored on the images
+        # they were searched on, they beat the plain mean on noise (0.30 vs 0.24, 5 classes).
+        self._oof = torch.empty(probs.shape[1:])
+        for searched, held in cross_fit_folds(targets.numpy(), self.folds, self.seed):
+            fold_weights = self._search(probs[:, searched], targets[searched])
+            self._oof[held] = self._scores(probs[:, held], fold_weights).clamp_min(_FLOOR).log()
+        return self
+
+    def _search(self, probs: Tensor, targets: Tensor) -> tuple[float, ...]:
+        """The weights with the best balanced accuracy of ``probs [M, N, K]``."""
+        m = len(probs)
         uniform = np.full(m, 1.0 / m)
 
         def score(w: Sequence[float]) -> tuple[float, float]:
-            acc = _balanced_accuracy(self._scores(probs, w), val_targets)
+            acc = _balanced_accuracy(self._scores(probs, w), targets)
             return acc, -float(np.abs(np.asarray(w) - uniform).sum())  # ties: nearer uniform
 
         if m == 1:
-            best = (1.0,)
-        elif m <= self.grid_max_members:
-            best = max(simplex_grid(m, self.step), key=score)
-        else:
-            best = tuple(uniform)
-            for _ in range(self.sweeps):
-                for i in range(m):
-                    candidates = []
-                    for v in np.linspace(0.0, 1.0, round(1 / self.step) + 1):
-                        w = np.asarray(best, dtype=float)
-                        w[i] = v
-                        if w.sum() > 0:
-                            candidates.append(tuple(w / w.sum()))
-                    best = max([best, *candidates], key=score)
-        self.weights = [float(w) for w in best]
-        self.val_bal_acc = score(best)[0]
-        return self
+            return (1.0,)
+        if m <= self.grid_max_members:
+            return tuple(float(w) for w in max(simplex_grid(m, self.step), key=score))
+        best = tuple(uniform)
+        for _ in range(self.sweeps):
+            for i in range(m):
+                candidates = []
+                for v in np.linspace(0.0, 1.0, round(1 / self.step) + 1):
+                    w = np.asarray(best, dtype=float)
+                    w[i] = v
+                    if w.sum() > 0:
+                        candidates.append(tuple(w / w.sum()))
+                best = max([best, *candidates], key=score)
+        return tuple(float(w) for w in best)
+
+    def combine_val(self, val_logits: Sequence[Tensor]) -> Tensor:
+        if self._oof is None:  # fixed weights: nothing was fitted on val
+            return self.combine(val_logits)
+        if len(self._oof) != len(val_logits[0]):
+            raise ValueError("the weighted combiner reports validation scores only for the "
+                             "rows it was fitted on (cross-fitted)")
+        return self._oof.clone()
 
     def combine(self, logits_per_member: Sequence[Tensor]) -> Tensor:
         if self.weights is None:
@@ -295,25 +333,16 @@ class Stacking(Combiner):
         return torch.from_numpy(out).float().log_softmax(dim=1)
 
     def fit(self, val_logits: Sequence[Tensor], val_targets: Tensor) -> Stacking:
-        from sklearn.model_selection import KFold, StratifiedKFold
-
         x = stacking_features(val_logits)
         y = torch.as_tensor(val_targets).long().numpy()
         self.num_classes = int(_stack(val_logits).shape[2])
-        counts = np.bincount(y)
-        smallest = int(counts[counts > 0].min())
-        folds = min(self.folds, len(y))
-        if smallest >= 2:  # stratify with as many folds as the rarest class allows
-            splitter: Any = StratifiedKFold(min(folds, smallest), shuffle=True,
-                                            random_state=self.seed)
-        else:
-            splitter = KFold(folds, shuffle=True, random_state=self.seed)
         if len(y) < 4:
             raise ValueError(f"stacking needs at least 4 validation samples for cross-fitting, "
                              f"got {len(y)}")
         oof = torch.empty(len(y), self.num_classes)
         fold_of_row = np.empty(len(y), dtype=int)
-        for fold, (train_rows, held_rows) in enumerate(splitter.split(x, y)):
+        for fold, (train_rows, held_rows) in enumerate(cross_fit_folds(y, self.folds,
+                                                                       self.seed)):
             model = self._fit_lr(x[train_rows], y[train_rows])
             oof[held_rows] = self._scores(x[held_rows], model.coef_, model.intercept_,
                                           model.classes_)

@@ -162,7 +162,8 @@ class EnsembleModule(ClassifierModule):
             raise RuntimeError("a sequential ensemble's members are trained one by one by "
                                "the build layer, not through the ensemble")
         images, targets = batch
-        losses = [member.criterion(member(images), targets) for member in self.members]
+        # Each member's own training loss: a member that mixes batches (model.mix) mixes here too.
+        losses = [member.training_loss(images, targets)[1] for member in self.members]
         total = torch.stack(losses).sum()
         if not torch.isfinite(total):
             raise FloatingPointError(f"loss is {total.item()} at epoch {self.current_epoch}, "

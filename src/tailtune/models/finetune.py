@@ -46,7 +46,7 @@ from tailtune.features.extractor import FeatureExtractor
 from tailtune.models.base import ClassifierModule
 from tailtune.models.heads import build_head
 from tailtune.models.lora import add_lora
-from tailtune.models.schedules import WarmupCosine
+from tailtune.models.schedules import WarmupCosine, stepping_batches
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +165,14 @@ class FineTuneModule(ClassifierModule):
             return self
         for name, module in self.backbone.named_modules():
             own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
-            frozen_part = own and not any(self._is_trainable(p) for p in own)
-            keep_stats = isinstance(module, _BatchNorm) and self.bn_after_unfreeze == "frozen"
-            if frozen_part or keep_stats:
+            if isinstance(module, _BatchNorm):
+                # Statistics follow bn_after_unfreeze in every stage that trains, whether its
+                # affine parameters train (full, BitFit) or not (LoRA trains adapters only).
+                in_trained_stage = not own or any(
+                    p.startswith(prefix) for p in own for prefix in self.trainable_prefixes)
+                if not in_trained_stage or self.bn_after_unfreeze == "frozen":
+                    module.eval()
+            elif own and not any(self._is_trainable(p) for p in own):
                 module.eval()
         return self
 
@@ -274,9 +279,7 @@ class FineTuneModule(ClassifierModule):
         groups = [{"params": list(self.head.parameters()), "lr": self.lr, "name": "head"},
                   *self.backbone_param_groups()]
         optimizer = self.optimizer_factory(groups)
-        total = int(self.trainer.estimated_stepping_batches)
-        epochs = max(1, int(self.trainer.max_epochs or 1))
-        per_epoch = max(1, total // epochs)
+        total, per_epoch = stepping_batches(self.trainer)
         unfreeze_step = self.unfreeze_at * per_epoch
 
         def head_factor(step: int) -> float:

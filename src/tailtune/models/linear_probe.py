@@ -35,7 +35,7 @@ from tailtune.data.info import DatasetInfo
 from tailtune.features.extractor import FeatureExtractor
 from tailtune.models.base import ClassifierModule
 from tailtune.models.heads import build_head
-from tailtune.models.schedules import WarmupCosine
+from tailtune.models.schedules import WarmupCosine, stepping_batches
 
 OptimizerFactory = Callable[[Iterable[dict[str, Any]]], torch.optim.Optimizer]
 EXTRACTOR = "extractor."
@@ -185,8 +185,7 @@ class LinearProbeModule(ClassifierModule):
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(
             [{"params": self.trainable_parameters(), "lr": self.lr, "name": "head"}])
-        total = int(self.trainer.estimated_stepping_batches)
-        per_epoch = max(1, total // max(1, int(self.trainer.max_epochs or 1)))
+        total, per_epoch = stepping_batches(self.trainer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: self.schedule.factor(step, 0, total, per_epoch))
         return {"optimizer": optimizer,

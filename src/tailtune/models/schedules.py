@@ -9,6 +9,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
+
+
+def stepping_batches(trainer: Any) -> tuple[int, int]:
+    """``(optimizer steps of the whole fit, optimizer steps per epoch)``.
+
+    Per epoch from the loader's length, not ``total // max_epochs``: where
+    ``trainer.max_steps`` cuts the fit short, that quotient shrinks every epoch and moves an
+    unfreeze step (and its warm-up) into epochs where the backbone is still frozen.
+    """
+    total = int(trainer.estimated_stepping_batches)  # sets up the train loader if need be
+    batches = trainer.num_training_batches
+    if math.isinf(batches):  # a loader of unknown length
+        return total, max(1, total // max(1, int(trainer.max_epochs or 1)))
+    return total, max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
 
 @dataclass(frozen=True)
