@@ -128,7 +128,8 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
         (step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / total))))
-    for _ in range(args.epochs):
+    for epoch in range(args.epochs):
+        data.train_sampler.set_epoch(epoch)  # a new order each epoch, as shuffle=True gives
         model.train()
         for images, targets in train:
             logits = model(images.contiguous(memory_format=torch.channels_last))

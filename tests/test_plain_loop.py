@@ -25,9 +25,15 @@ def test_loop_runs_compare_paired_with_tailtune_runs(smoke_cfg, tmp_path, monkey
                              name="runs/tailtune")
     train(cfg, choices)
     loop_dir = root / "loop"
-    monkeypatch.setattr(sys, "argv", ["plain_loop.py", "debug=smoke", "--epochs", "1",
+    monkeypatch.setattr(sys, "argv", ["plain_loop.py", "debug=smoke", "--epochs", "2",
                                       "--seed", "1", "--out", str(loop_dir)])
+    from tailtune.imbalance.samplers import EpochSampler
+
+    epochs, set_epoch = [], EpochSampler.set_epoch  # the loop reshuffles every epoch
+    monkeypatch.setattr(EpochSampler, "set_epoch",
+                        lambda self, e: epochs.append(e) or set_epoch(self, e))
     runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert epochs == [0, 1]
 
     metrics = json.loads((loop_dir / "metrics.json").read_text())
     with np.load(loop_dir / "test_predictions.npz") as saved:
