@@ -86,3 +86,28 @@ def test_loop_scores_a_heldout_list_as_its_own_test_split(tmp_path, monkeypatch)
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit, match="1 unreadable files, e.g. .*broken.jpg"):
         runpy.run_path(str(SCRIPT), run_name="__main__")
+
+
+def test_heldout_delta_pairs_seeds_on_the_same_files(tmp_path, monkeypatch, capsys):
+    """scripts/heldout_delta.py: per seed, other minus baseline on the same held-out files
+    (rows matched by path whatever their order), the mean over seeds inside its interval."""
+    import csv
+
+    labels = ["a"] * 10 + ["b"] * 10
+    def write(name: str, seed: int, wrong: int, reverse: bool = False) -> None:
+        rows = [(f"/h/{i:02d}.jpg", y, ("b" if y == "a" else "a") if i < wrong else y)
+                for i, y in enumerate(labels)]
+        path = tmp_path / f"{name}_s{seed}.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerows([("path", "label", "pred"), *(rows[::-1] if reverse else rows)])
+
+    for seed, (base_wrong, other_wrong) in {1: (4, 2), 2: (6, 2)}.items():
+        write("base", seed, base_wrong)  # class a: 6/10 and 4/10 right, b: all
+        write("other", seed, other_wrong, reverse=True)  # a: 8/10 both seeds
+    monkeypatch.setattr(sys, "argv", ["heldout_delta.py", str(tmp_path / "base_s*.csv"),
+                                      str(tmp_path / "other_s*.csv"), "--boot", "200"])
+    runpy.run_path(str(SCRIPT.parent / "heldout_delta.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    # balanced accuracy: base 0.8 and 0.7, other 0.9 and 0.9: +10 and +20 points, mean +15
+    assert "mean 0.900  delta +15.0 [" in out and "per seed +10.0, +20.0" in out
