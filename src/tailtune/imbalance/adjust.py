@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from torch import Tensor
 
 __all__ = [
     "balanced_accuracy",
+    "cross_fit_folds",
     "crossfitted_gain",
     "expected_calibration_error",
     "fit_temperature",
@@ -99,6 +101,20 @@ def _pick(grid: Sequence[float], scores: Sequence[float]) -> float:
     return float(winners[(len(winners) - 1) // 2])
 
 
+def cross_fit_folds(targets: np.ndarray, folds: int, seed: int
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(fit rows, held-out rows)`` of each fold: stratified with as many folds as the
+    rarest class allows, plain K-fold when a class has a single row."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    counts = np.bincount(targets)
+    smallest = int(counts[counts > 0].min())
+    folds = min(folds, len(targets))
+    splitter: Any = StratifiedKFold(min(folds, smallest), shuffle=True, random_state=seed) \
+        if smallest >= 2 else KFold(folds, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(targets)), targets))
+
+
 def out_of_fold_balanced_accuracy(
     logits: Tensor, targets: Tensor, fit: Callable[[Tensor, Tensor], Callable[[Tensor], Tensor]],
     folds: int = 5, seed: int = 0,
@@ -107,16 +123,12 @@ def out_of_fold_balanced_accuracy(
     on the other folds (``fit(logits, targets) -> adjust``). Stratified folds, at most as many
     as the smallest class has images; None when a class has fewer than 2 (nothing to
     cross-fit). Unlike the score on the images it was tuned on, it is not optimistic."""
-    from sklearn.model_selection import StratifiedKFold
-
     logits, targets = _check(logits, targets)
     counts = torch.bincount(targets)
-    n_splits = min(folds, int(counts[counts > 0].min()))
-    if n_splits < 2:
+    if int(counts[counts > 0].min()) < 2:
         return None
     out_of_fold = torch.empty_like(logits)
-    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    for tuned_on, held_out in splitter.split(np.zeros(len(targets)), targets.numpy()):
+    for tuned_on, held_out in cross_fit_folds(targets.numpy(), folds, seed):
         adjust = fit(logits[tuned_on], targets[tuned_on])
         out_of_fold[held_out] = adjust(logits[held_out])
     return balanced_accuracy(out_of_fold, targets)

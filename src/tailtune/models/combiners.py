@@ -54,20 +54,6 @@ def _balanced_accuracy(scores: Tensor, targets: Tensor) -> float:
     return balanced_accuracy(scores, targets)
 
 
-def cross_fit_folds(targets: np.ndarray, folds: int, seed: int
-                    ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(fit rows, held-out rows)`` of each fold: stratified with as many folds as the
-    rarest class allows, plain K-fold when a class has a single row."""
-    from sklearn.model_selection import KFold, StratifiedKFold
-
-    counts = np.bincount(targets)
-    smallest = int(counts[counts > 0].min())
-    folds = min(folds, len(targets))
-    splitter: Any = StratifiedKFold(min(folds, smallest), shuffle=True, random_state=seed) \
-        if smallest >= 2 else KFold(folds, shuffle=True, random_state=seed)
-    return list(splitter.split(np.zeros(len(targets)), targets))
-
-
 class Combiner:
     """Base class. ``needs_validation``: it is fitted on validation predictions.
     ``balances_prior``: its fitted scores carry no class prior (fitted for balanced classes),
@@ -219,6 +205,8 @@ class Weighted(Combiner):
                 raise ValueError(f"combiner.weights has {len(self.weights)} entries for {m} "
                                  "members")
             return self
+        from tailtune.imbalance.adjust import cross_fit_folds
+
         targets = torch.as_tensor(val_targets).long()
         self.weights = list(self._search(probs, targets))
         self.val_bal_acc = _balanced_accuracy(self._scores(probs, self.weights), targets)
@@ -333,6 +321,8 @@ class Stacking(Combiner):
         return torch.from_numpy(out).float().log_softmax(dim=1)
 
     def fit(self, val_logits: Sequence[Tensor], val_targets: Tensor) -> Stacking:
+        from tailtune.imbalance.adjust import cross_fit_folds
+
         x = stacking_features(val_logits)
         y = torch.as_tensor(val_targets).long().numpy()
         self.num_classes = int(_stack(val_logits).shape[2])
