@@ -45,11 +45,6 @@ class Run:
         return tuple(sorted(last.values()))
 
     @property
-    def config_key(self) -> str:
-        """:attr:`config_parts` for display, joined by commas."""
-        return ",".join(self.config_parts) or "(defaults)"
-
-    @property
     def val_score(self) -> float | None:
         """Validation balanced accuracy as selection reads it (out of fold where post-hoc
         steps were tuned on val: :func:`tailtune.run_record.selection_value`)."""
