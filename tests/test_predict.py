@@ -87,7 +87,9 @@ def test_predict_on_held_out_photos_agrees_with_eval(smoke_cfg, tmp_path):
     for i in range(len(test_set)):
         assert torch.equal(test_set[i][0], as_predicted[i][0])
 
+    # debug=smoke's data.image_size (16) would change the images: eval refuses that.
     eval_cfg, _ = compose_config("eval", [f"ckpt_path={best}", "debug=smoke", "threads=1",
+                                          "data.image_size=96",
                                           "trainer.limit_test_batches=null"], tmp_path / "ev")
     threads = torch.get_num_threads()
     try:

@@ -220,7 +220,8 @@ def eval_data_config(trained: DictConfig, requested: DictConfig | None) -> DictC
     for key in PREPROCESSING_KEYS:  # the split check cannot see these: the images change
         if key in requested and requested[key] != trained.get(key):
             raise ValueError(
-                f"data.{key}={requested[key]}: the checkpoint was trained and is tested with "
-                f"data.{key}={trained.get(key)}; metrics at another setting would not be this "
-                f"run's test metrics: drop data.{key}")
+                f"data.{key}={requested[key]} (set on the command line or by a debug preset) "
+                f"differs from the checkpoint's data.{key}={trained.get(key)}: metrics at "
+                f"another setting would not be this run's test metrics; drop it, or set "
+                f"data.{key}={trained.get(key)}")
     return OmegaConf.merge(trained, requested)
