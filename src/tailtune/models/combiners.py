@@ -71,8 +71,16 @@ class Combiner:
         raise NotImplementedError
 
     def combine_val(self, val_logits: Sequence[Tensor]) -> Tensor:
-        """The validation scores to report: ``combine`` unless cross-fitted (stacking)."""
+        """The validation scores to report: ``combine`` unless cross-fitted (stacking,
+        weighted)."""
         return self.combine(val_logits)
+
+    def _cross_fitted(self, oof: Tensor | None, val_logits: Sequence[Tensor]) -> Tensor:
+        """The out-of-fold validation scores ``fit`` kept, for the rows it was fitted on."""
+        if oof is None or len(oof) != len(val_logits[0]):
+            raise ValueError(f"{self.name} reports validation scores only for the rows it "
+                             "was fitted on (cross-fitted)")
+        return oof.clone()
 
     def state(self) -> dict[str, Any]:
         """Fitted state as plain data (lists, floats), for ``weights_only`` checkpoints."""
@@ -244,12 +252,9 @@ class Weighted(Combiner):
         return tuple(float(w) for w in best)
 
     def combine_val(self, val_logits: Sequence[Tensor]) -> Tensor:
-        if self._oof is None:  # fixed weights: nothing was fitted on val
+        if self.fixed:  # nothing was fitted on val
             return self.combine(val_logits)
-        if len(self._oof) != len(val_logits[0]):
-            raise ValueError("the weighted combiner reports validation scores only for the "
-                             "rows it was fitted on (cross-fitted)")
-        return self._oof.clone()
+        return self._cross_fitted(self._oof, val_logits)
 
     def combine(self, logits_per_member: Sequence[Tensor]) -> Tensor:
         if self.weights is None:
@@ -353,10 +358,7 @@ class Stacking(Combiner):
                             np.asarray(self.intercept), self.classes)
 
     def combine_val(self, val_logits: Sequence[Tensor]) -> Tensor:
-        if self._oof is None or len(self._oof) != len(val_logits[0]):
-            raise ValueError("stacking reports validation scores only for the rows it was "
-                             "fitted on (cross-fitted)")
-        return self._oof.clone()
+        return self._cross_fitted(self._oof, val_logits)
 
     def state(self) -> dict[str, Any]:
         return {"name": self.name, "num_classes": self.num_classes, "coef": self.coef,
