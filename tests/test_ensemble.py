@@ -256,7 +256,7 @@ def test_samme_combiner_is_an_alpha_weighted_vote():
 # -- members, configs and checkpoints ----------------------------------------------------------
 def test_members_at_different_resolutions_take_one_raw_batch(smoke_cfg):
     cfg, _ = smoke_cfg("model=ensemble", "model.members=[efficientnet_lite0,efficientnet_lite1]",
-                       "model.member_model=[linear_probe,finetune]")
+                       "model.member_model=[linear_probe,finetune]", "model.posthoc_crossfit=false")
     with open_dict(cfg):
         cfg.model.members = [{"backbone": "efficientnet_lite0", "image_size": 24},
                              {"backbone": "efficientnet_lite1", "image_size": 40}]
@@ -270,6 +270,7 @@ def test_members_at_different_resolutions_take_one_raw_batch(smoke_cfg):
         cfg.model, members, [n for n, _ in specs], images.info, build_loss(cfg, images),
         MeanProb())
     assert [m.preprocess.image_size for m in ensemble.members] == [24, 40]
+    assert ensemble.posthoc_crossfit is False  # every setting of the module reaches it
     batch = torch.rand(5, 3, 16, 16)  # raw images at the data's size
     ensemble.eval()
     with torch.no_grad():
@@ -288,6 +289,8 @@ def test_members_at_different_resolutions_take_one_raw_batch(smoke_cfg):
     (["model.member_model=[linear_probe]"], "1 kinds for 3 members"),
     (["data.val_fraction=0", "combiner=stacking"], "no validation split"),
     (["model.bagging=under", "model.training=joint"], "one after another"),
+    (["model.training=joint", "model.member_models.linear_probe.posthoc=temperature"],
+     "tuned only when members train one after another"),
 ])
 def test_bad_ensemble_configs_are_clear_value_errors(smoke_cfg, overrides, expected):
     cfg, choices = smoke_cfg("model=ensemble", *SMALL, *overrides)

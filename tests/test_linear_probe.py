@@ -315,6 +315,19 @@ def test_tau_norm_picks_tau_on_validation_and_stores_it(smoke_cfg, tmp_path,
     for key in ("bal_acc", "ece"):  # smoke accuracy is near chance; ECE sees the logits' scale
         assert before["test"][key] == pytest.approx(loaded.test_results[key], abs=1e-5)
     assert tau == 0.0 or before["test"]["ece"] != pytest.approx(metrics["test"]["ece"], abs=1e-5)
+    # tau is tuned on val, so val's own score is optimistic: on logits that carry no signal
+    # the tuned tau's in-sample score rises above chance, the cross-fitted one (what
+    # selection reads) does not.
+    loaded.head.weight.mul_(torch.logspace(-1, 1, 10)[:, None])  # tau then moves the argmax
+    in_sample, out_of_fold = [], []
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        noise, y = torch.randn(100, 10, generator=g), torch.arange(10).repeat(10)
+        report = loaded.fit_posthoc(noise, y)
+        in_sample.append(report["tau_norm"]["val_bal_acc"])
+        out_of_fold.append(report["val_bal_acc_out_of_fold"])
+    assert np.mean(in_sample) - np.mean(out_of_fold) > 0.01
+    assert np.mean(out_of_fold) < 0.12  # chance is 0.10
 
 
 def test_lws_learns_only_per_class_scales(smoke_cfg, tmp_path, finetuned_checkpoint):

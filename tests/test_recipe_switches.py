@@ -186,9 +186,12 @@ def test_tta_flip_averages_the_mirror_image_at_eval_only(smoke_cfg):
     with torch.no_grad():
         plain = model.head(model.features(x))
         mirrored = model.head(model.features(x.flip(-1)))
-        torch.testing.assert_close(model(x), (plain + mirrored) / 2)
+        # The two views' probabilities are averaged, not their logits.
+        torch.testing.assert_close(model(x).softmax(1),
+                                   (plain.softmax(1) + mirrored.softmax(1)) / 2)
         symmetric = torch.cat([x[..., :8], x[..., :8].flip(-1)], dim=-1)
-        torch.testing.assert_close(model(symmetric), model.head(model.features(symmetric)))
+        torch.testing.assert_close(model(symmetric).softmax(1),
+                                   model.head(model.features(symmetric)).softmax(1))
     model.train()
     torch.manual_seed(0)
     assert not torch.allclose(F.softmax(model(x), 1), F.softmax((plain + mirrored) / 2, 1))
@@ -292,3 +295,28 @@ def test_probe_reads_the_cache_in_a_second_run_and_a_resumed_run_skips_it(
     cfg3, _ = smoke_cfg(*PROBE, cache, "trainer.max_epochs=3", name="first")
     _, trainer = fit(cfg3, tmp_path / "first", ckpt_path=str(last))
     assert trainer.current_epoch == 3
+
+
+def test_tta_flip_keeps_label_smoothings_floor_exact(smoke_cfg):
+    """With smoothing eps, a view's optimum is (1 - eps) w + eps / K; the post-hoc steps take
+    the floor eps / K off before the prior. Averaging the views' logits would lift the
+    classes neither view supports above the floor, and the log prior would then make a rare
+    one of them win; averaging probabilities keeps w exactly the views' mean."""
+    cfg, _ = smoke_cfg("model.tta_flip=true", "loss=ce", "loss.label_smoothing=0.1")
+    _, model = build_experiment(cfg)
+    model.eval()
+    assert model.has_smoothing_floor
+    k, eps = model.log_prior.numel(), 0.1
+    w_plain = torch.zeros(1, k)
+    w_plain[0, 0] = 1.0                          # one view: all on class 0
+    w_mirror = torch.zeros(1, k)
+    w_mirror[0, :2] = 0.5                        # the other: split between classes 0 and 1
+    views = {"plain": ((1 - eps) * w_plain + eps / k).log(),
+             "mirror": ((1 - eps) * w_mirror + eps / k).log()}
+    x = torch.rand(1, 3, 16, 16)
+    model.features = lambda images: views["plain" if images is x else "mirror"]
+    model.head = torch.nn.Identity()
+    w = model.without_smoothing_floor(model(x)).exp()[0]
+    clamp = 0.01 * eps / k / (1 - eps)
+    torch.testing.assert_close(w[:2], torch.tensor([0.75, 0.25]))
+    torch.testing.assert_close(w[2:], torch.full((k - 2,), clamp))

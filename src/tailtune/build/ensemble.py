@@ -315,7 +315,13 @@ def untrained_member(mcfg: DictConfig, images: ImbalancedDataModule) -> Classifi
     step; their feature standardisation is fitted on the training split's features)."""
     L.seed_everything(int(mcfg.seed), workers=True)
     model = build_model(mcfg, images.info, build_loss(mcfg, images))
-    refuse_tuning_on_test(model.posthoc_steps, images, f"member {mcfg.ensemble_member.name}")
+    if model.posthoc_steps:
+        # Only a member that trains alone is tested alone, which is where its steps are tuned.
+        raise ValueError(
+            f"member {mcfg.ensemble_member.name} has post-hoc steps "
+            f"({', '.join(model.posthoc_steps)}), which are tuned only when members train one "
+            "after another (model.training=sequential); under model.training=joint tune them "
+            "on the ensemble instead (model.posthoc=...)")
     if getattr(model, "needs_feature_transform", False):
         device = choose_device(mcfg.model.features.get("device", "auto"),
                                mcfg.trainer.get("accelerator"))

@@ -16,6 +16,7 @@ config's ``_target_``; the constructor then gets what that kind needs:
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -170,10 +171,18 @@ def build_feature_experiment(cfg: DictConfig, images: ImbalancedDataModule
 
 
 # -- ensembles ------------------------------------------------------------------------------
+def _ensemble_module_keys() -> tuple[str, ...]:
+    """The settings EnsembleModule's constructor (and ClassifierModule's, which it passes
+    on) takes, read from their signatures so a new one is never silently dropped."""
+    built_here = {"self", "members", "member_names", "info", "loss", "combiner"}
+    names = [p.name for cls in (EnsembleModule, ClassifierModule)
+             for p in inspect.signature(cls.__init__).parameters.values()
+             if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in built_here]
+    return ("_target_", "_partial_", *dict.fromkeys(names))
+
+
 # cfg.model keys that configure EnsembleModule itself (the rest say how to build members).
-ENSEMBLE_MODULE_KEYS = ("_target_", "_partial_", "training", "logit_adjust_tau", "posthoc",
-                        "many_threshold", "few_threshold", "confusion_every_n_epochs",
-                        "log_figures")
+ENSEMBLE_MODULE_KEYS = _ensemble_module_keys()
 
 
 def make_ensemble(node: DictConfig, members: Sequence[ClassifierModule], names: Sequence[str],

@@ -418,6 +418,16 @@ class ClassifierModule(L.LightningModule):
 
         if not (tuned_tau or tuned_bias):
             return None
+        return adjust.out_of_fold_balanced_accuracy(
+            logits, targets, self._fold_refit(tuned_tau=tuned_tau, tau=tau,
+                                              tuned_bias=tuned_bias, bias=bias))
+
+    def _fold_refit(self, *, tuned_tau: bool, tau: float, tuned_bias: bool, bias: Tensor
+                    ) -> Callable[[Tensor, Tensor], Callable[[Tensor], Tensor]]:
+        """``fit(raw logits, targets) -> adjust``: the adopted tau and bias, refitted on one
+        fold's rows where they were tuned, kept where they were not."""
+        from tailtune.imbalance import adjust
+
         log_prior = self.log_prior.float().cpu()
 
         def fit(raw: Tensor, t: Tensor) -> Callable[[Tensor], Tensor]:
@@ -431,7 +441,7 @@ class ClassifierModule(L.LightningModule):
             fold_bias = adjust.tune_class_bias(shift(raw), t) if tuned_bias else bias
             return lambda q: shift(q) + fold_bias
 
-        return adjust.out_of_fold_balanced_accuracy(logits, targets, fit)
+        return fit
 
     def _adopt(self, step: str, logits: Tensor, targets: Tensor,
                fit: Callable[[Tensor, Tensor], Callable[[Tensor], Tensor]],

@@ -20,7 +20,7 @@ from ``init_from`` and refuses a source whose weights changed.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -177,7 +177,23 @@ class DecoupledModule(LinearProbeModule):
         self._untuned_tau = float(self.head.tau)
         tau, bal_acc = adjust.tune_tau_norm(dots, targets, norms, bias)
         self.head.tau.fill_(tau)
+        untuned_la_tau, untuned_bias = float(self.posthoc_tau), self.posthoc_bias.clone()
         report = super().fit_posthoc(adjust.tau_norm_logits(dots, norms, tau, bias), targets)
+        # tau is always tuned on val here, so val's own score is optimistic: score each fold
+        # with tau (and any adopted tau / bias on top) refitted on the other folds.
+        refit_rest = self._fold_refit(
+            tuned_tau=report["logit_adjust_tau"] != untuned_la_tau,
+            tau=report["logit_adjust_tau"],
+            tuned_bias=not torch.equal(self.posthoc_bias.cpu(), untuned_bias.cpu()),
+            bias=self.posthoc_bias.float().cpu())
+
+        def fit(fold_dots: Tensor, t: Tensor) -> Callable[[Tensor], Tensor]:
+            fold_tau = adjust.tune_tau_norm(fold_dots, t, norms, bias)[0]
+            rest = refit_rest(adjust.tau_norm_logits(fold_dots, norms, fold_tau, bias), t)
+            return lambda q: rest(adjust.tau_norm_logits(q, norms, fold_tau, bias))
+
+        report["val_bal_acc_out_of_fold"] = adjust.out_of_fold_balanced_accuracy(
+            dots, targets, fit)
         report.update({"steps": ["tau_norm", *report["steps"]], "val_before": before,
                        "tau_norm": {"tau": tau, "val_bal_acc": bal_acc}})
         return report

@@ -185,8 +185,13 @@ class FineTuneModule(ClassifierModule):
     def forward(self, images: Tensor) -> Tensor:
         logits = self.head(self.features(images))
         if self.tta_flip and not self.training:
-            # Test-time flip: the mean logits of the image and its mirror image.
-            logits = (logits + self.head(self.features(images.flip(-1)))) / 2
+            # Test-time flip: the log of the two views' mean probability. Not their mean logits:
+            # label smoothing's floor eps / K, which the post-hoc steps take off before the
+            # prior, is exact only for a mean of smoothed distributions (softmax of mean
+            # logits lifts every class the views disagree on above it).
+            mirrored = self.head(self.features(images.flip(-1)))
+            views = torch.stack([logits.log_softmax(dim=1), mirrored.log_softmax(dim=1)])
+            logits = views.logsumexp(dim=0) - math.log(2.0)
         return logits
 
     def training_loss(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
