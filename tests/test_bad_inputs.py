@@ -278,6 +278,13 @@ def test_nan_loss_stops_the_run_naming_epoch_and_batch(cli, tmp_path):
     assert metrics["best_checkpoint"] == str(run_dir / "checkpoints" / "best.ckpt")
 
 
+def test_a_run_whose_weights_diverged_is_not_reported_done(cli, tmp_path):
+    # At this lr the head's weights overflow while each step's loss stays finite.
+    code, err = cli("model.lr=1e12")
+    assert_one_readable_error(code, err, "training diverged")
+    assert_no_complete_run(tmp_path)
+
+
 def test_resuming_from_a_checkpoint_of_another_dataset_is_refused(cli, tmp_path,
                                                                   folder_checkpoint):
     _, best = folder_checkpoint  # 3 image-folder classes; this run is on digits

@@ -123,3 +123,41 @@ def test_without_hard_links_the_shared_file_is_copied(tmp_path, monkeypatch):
     best, last = tmp_path / "best.ckpt", tmp_path / "last.ckpt"
     assert os.stat(best).st_ino != os.stat(last).st_ino
     assert best.read_bytes() == last.read_bytes()
+
+
+def test_a_run_stopped_after_its_posthoc_step_resumes_to_the_same_result(smoke_cfg, monkeypatch):
+    """A run that fails after the post-hoc step was fitted (here: writing its test
+    artifacts) holds no best.ckpt; resumed, it starts the post-hoc step from the untuned
+    state again, so every number matches a run that was never stopped."""
+    import json
+
+    from tailtune.build import results
+    from tailtune.cli.train import train
+
+    overrides = ("model.posthoc=[logit_adjust,temperature]", "model.logit_adjust_tau=1.0")
+    cfg, choices = smoke_cfg(*overrides, name="whole")
+    train(cfg, choices)
+    whole = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    stopped, choices = smoke_cfg(*overrides, name="stopped")
+    run_dir = Path(stopped.paths.output_dir)
+    with monkeypatch.context() as patch:
+        patch.setattr(results, "write_test_artifacts", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            train(stopped, choices)
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+    assert not (run_dir / "checkpoints" / "best.ckpt").exists()
+
+    resumed, choices = smoke_cfg(*overrides, "resume=auto", name="stopped")
+    train(resumed, choices)
+    again = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("val", "test"):
+        assert again[key] == pytest.approx(whole[key], abs=1e-6, nan_ok=True)
+        assert again["posthoc"]["before"][key] == pytest.approx(
+            whole["posthoc"]["before"][key], abs=1e-6, nan_ok=True)
+    assert again["posthoc"]["logit_adjust_tau"] == whole["posthoc"]["logit_adjust_tau"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt",
+                                                                          "last.ckpt"]

@@ -36,8 +36,13 @@ def test_every_option_of_every_group_composes(group, tmp_path):
     assert _options(group), f"configs/{group} is empty"
     if group == "hparams_search":
         pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("path,label\n")
+    # The data a user points to, which no shipped option can know (refused when missing).
+    location = {"image_folder": [f"data.root={tmp_path}"], "csv": [f"data.manifest={manifest}"]}
     for option in _options(group):
-        cfg, choices = compose_config("train", [f"{group}={option}"], tmp_path / option)
+        overrides = [f"{group}={option}", *(location.get(option, []) if group == "data" else [])]
+        cfg, choices = compose_config("train", overrides, tmp_path / option)
         assert choices[group] == option
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
         # Every shipped option passes the schema and the cross-key checks as it is.

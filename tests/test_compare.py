@@ -18,7 +18,7 @@ from tailtune.report.compare import (
     paired_difference_bootstrap,
     summarize,
 )
-from tailtune.report.runs import find_runs
+from tailtune.report.runs import drop_repeats, find_runs
 
 SHARED = ["debug=smoke", "data.imbalance_ratio=20"]
 
@@ -147,6 +147,28 @@ def test_how_a_run_was_run_does_not_split_a_config(tmp_path):
     _run(root, "3", ["loss=focal", "seed=4", "loss=ce"], seed=4)  # the last value counts
     summaries = {s.key: s.n for s in summarize(find_runs(root), n_boot=20)}
     assert summaries == {"loss=ce": 3, "ckpt_path=/other/last.ckpt,loss=ce": 1}
+
+
+def test_a_repeat_counts_once_and_eval_dirs_not_at_all(tmp_path, capsys):
+    """A sweep rerun into new dirs repeats a config and seed: counted twice it would pass
+    for a second seed with zero spread. A run resumed in place (ckpt_path=auto) is its
+    config's; an eval dir re-scores a run's checkpoint and is no run of its own."""
+    import os
+
+    root = tmp_path / "rerun"
+    old = _run(root, "0_old", ["loss=ce", "seed=1"], seed=1)
+    new = _run(root, "0_new", ["loss=ce", "seed=1", "threads=1"], seed=1)
+    os.utime(old / "status.json", (1_000, 1_000))
+    os.utime(new / "status.json", (2_000, 2_000))
+    _run(root, "1", ["loss=ce", "seed=2", "ckpt_path=auto"], seed=2)
+    scored = _run(root, "eval", ["ckpt_path=/x/best.ckpt"], seed=1)
+    (scored / "run.json").write_text(json.dumps({"entry": "eval", "ckpt_path": "/x/best.ckpt"}))
+    runs, repeats = drop_repeats(find_runs(root))
+    assert [r.path.name for r in repeats] == ["0_old"]
+    assert {s.key: s.n for s in summarize(runs, n_boot=20)} == {"loss=ce": 2}
+    compare_main([str(root), "--bootstrap", "50"])
+    out = capsys.readouterr().out
+    assert "1 configs, 2 runs" in out and "repeat, not counted" in out and "0_old" in out
 
 
 def test_an_override_whose_value_holds_commas_stays_whole(tmp_path, capsys):

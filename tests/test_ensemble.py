@@ -475,3 +475,11 @@ def test_ensemble_config_composes_with_every_combiner(tmp_path):
         assert choices["combiner"] == name
         OmegaConf.to_container(cfg, resolve=True)
         assert build_combiner(cfg).name == name
+
+
+def test_an_ensemble_refuses_to_resume_from_a_checkpoint_path(smoke_cfg):
+    """Its members train from the start: a ckpt_path would be silently ignored."""
+    checkpoint = Path(__file__).parent / "data" / "checkpoints_v0" / "finetune.ckpt"
+    cfg, choices = smoke_cfg("model=ensemble", *SMALL, f"ckpt_path={checkpoint}")
+    with pytest.raises(ValueError, match="does not resume from a checkpoint"):
+        train(cfg, choices)

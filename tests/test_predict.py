@@ -138,6 +138,18 @@ def test_predict_on_held_out_photos_agrees_with_eval(smoke_cfg, tmp_path):
     summary = json.loads((written[0].parent / "metrics.json").read_text())
     assert summary["predicted"] == 6 and summary["unreadable"] == 0
 
+    # Neither predict nor eval writes into a dir that holds a finished run.
+    finished = (run_dir / "metrics.json").read_bytes()
+    into_run = run_cli("tailtune-predict", f"ckpt_path={best}", f"input={held_out}/china/*.jpg",
+                       f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert into_run.returncode != 0 and "already holds a finished run" in into_run.stderr
+    eval_into_run, _ = compose_config("eval", [f"ckpt_path={best}", "debug=smoke",
+                                               "data.image_size=96"], run_dir)
+    with pytest.raises(FileExistsError, match="already holds a finished run"):
+        evaluate(eval_into_run)
+    assert (run_dir / "metrics.json").read_bytes() == finished
+    assert not (run_dir / "predictions.csv").exists()
+
 
 def test_predict_reports_a_bad_checkpoint_in_one_line(tmp_path):
     (tmp_path / "x.jpg").write_bytes(b"")

@@ -222,6 +222,15 @@ class PreemptionCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
+        self._act_on_pending(trainer)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        if trainer.state.fn == "fit":  # validation inside fit: its epoch's training is done
+            self._act_on_pending(trainer)
+
+    def _act_on_pending(self, trainer: L.Trainer) -> None:
         if self._pending is None:
             return
         signum, frame = self._pending
@@ -237,6 +246,9 @@ class PreemptionCheckpoint(L.Callback):
         raise SystemExit(f"stopped by signal {signum}; state saved to {self.path}")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A signal in the last steps (the final validation) still requeues: the resumed job
+        # finds fit finished and goes on to the test.
+        self._act_on_pending(trainer)
         if self.signum is not None and self._previous is not None:
             signal.signal(self.signum, self._previous)
 
@@ -244,5 +256,8 @@ class PreemptionCheckpoint(L.Callback):
                      exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and trainer.training:
+        # Inside fit, its validation included (trainer.training is False there, and the
+        # epoch's training would be lost with it).
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) \
+                and trainer.state.fn == "fit":
             trainer.save_checkpoint(self.path)

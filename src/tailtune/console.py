@@ -259,6 +259,8 @@ def one_line(err: BaseException) -> str:
     """An error as one line: its type and the first line of its message."""
     if isinstance(err, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
+    if type(err).__name__ == "SIGTERMException":  # Lightning's, a SystemExit without a code
+        return "stopped by SIGTERM (inside fit, its state was saved: resume=auto resumes it)"
     if isinstance(err, SystemExit):
         return f"stopped (exit code {err.code})" if isinstance(err.code, int) else \
             f"stopped: {err.code}"

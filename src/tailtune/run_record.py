@@ -67,6 +67,13 @@ def finished_metrics(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
+def refuse_finished_run(run_dir: Path) -> None:
+    """eval and predict never write into a dir that holds a finished run's results."""
+    if finished_metrics(run_dir) is not None:
+        raise FileExistsError(f"{run_dir} already holds a finished run; choose another "
+                              "hydra.run.dir")
+
+
 def selection_value(metrics: dict[str, Any], name: str) -> float:
     """The value a run is chosen by: ``val/bal_acc`` -> ``metrics["val"]["bal_acc"]``, or its
     out-of-fold version where the run tuned post-hoc steps on val (``bal_acc_out_of_fold``):
@@ -115,7 +122,9 @@ class RunRecord:
 
     def fail(self, err: BaseException) -> None:
         """Mark the run failed with the error's type and the end of its message."""
-        self.set_status("failed", f"{type(err).__name__}: {str(err).strip()[-300:]}")
+        message = str(err).strip()[-300:] or (
+            "stopped by SIGTERM" if type(err).__name__ == "SIGTERMException" else "")
+        self.set_status("failed", f"{type(err).__name__}: {message}".rstrip(": "))
 
     def finish(self, metrics: dict[str, Any]) -> None:
         if not self.rank_zero:

@@ -22,6 +22,7 @@ import copy
 import functools
 import glob
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,7 +49,13 @@ from tailtune.build.models import (
     make_ensemble,
     model_from_checkpoint,
 )
-from tailtune.build.results import final_metrics, write_test_artifacts
+from tailtune.build.results import (
+    BEST_CHECKPOINT,
+    final_metrics,
+    publish_best_checkpoint,
+    remove_resume_leftovers,
+    write_test_artifacts,
+)
 from tailtune.build.trainer import (
     build_loggers,
     build_trainer,
@@ -57,6 +64,7 @@ from tailtune.build.trainer import (
     is_rank_zero,
     log_final_metrics,
     log_hyperparameters,
+    requeued,
     training_callbacks,
 )
 from tailtune.data.datamodule import ImbalancedDataModule
@@ -183,10 +191,15 @@ def assessment_trainer(cfg: DictConfig, run_dir: Path, loggers: list[Any]) -> L.
 
 
 def finish(ensemble: EnsembleModule, metrics: dict[str, Any], run_dir: Path,
-           loggers: list[Any]) -> None:
-    """The test artifacts and the final ``hp/*`` values, as a single run writes them."""
+           loggers: list[Any], config: dict[str, Any], member_cfgs: Sequence[dict[str, Any]]
+           ) -> None:
+    """The test artifacts and the final ``hp/*`` values, as a single run writes them, then
+    the checkpoint ``metrics["best_checkpoint"]``: last, just before the run is marked done,
+    so a run that failed holds none."""
     write_test_artifacts(ensemble, run_dir)
     log_final_metrics(loggers, metrics)
+    if is_rank_zero():
+        save_ensemble_checkpoint(ensemble, config, member_cfgs, Path(metrics["best_checkpoint"]))
 
 
 def save_ensemble_checkpoint(ensemble: EnsembleModule, config: dict[str, Any],
@@ -199,9 +212,11 @@ def save_ensemble_checkpoint(ensemble: EnsembleModule, config: dict[str, Any],
     if isinstance(ensemble.combiner, Samme):
         config["combiner"] = {"_target_": "tailtune.models.combiners.Samme"}
     path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.part")  # renamed into place: never a truncated file
     torch.save({"state_dict": ensemble.state_dict(),
                 "tailtune": {**ensemble.checkpoint_metadata(), "config": config},
-                "pytorch-lightning_version": L.__version__}, path)
+                "pytorch-lightning_version": L.__version__}, partial)
+    os.replace(partial, path)
 
 
 # -- training -------------------------------------------------------------------------------
@@ -209,6 +224,15 @@ def fit_ensemble(cfg: DictConfig, run_dir: Path, choices: dict[str, str],
                  overrides: Sequence[str]) -> dict[str, Any]:
     """Train the members (sequentially or jointly), fit the combiner on validation and
     report every member next to the ensemble; writes ``checkpoints/best.ckpt``."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and ckpt_path != "auto":
+        raise ValueError("model=ensemble does not resume from a checkpoint (ckpt_path): its "
+                         "members train from the start. To combine trained runs, use "
+                         "tailtune-eval model=ensemble 'model.checkpoints=[...]'")
+    if (ckpt_path == "auto" or cfg.get("resume") == "auto" or requeued()) \
+            and any((run_dir / "members").glob("*")):
+        log.warning("an ensemble run does not resume: %s trains its members again from the "
+                    "start", run_dir)
     L.seed_everything(int(cfg.seed), workers=True)
     specs = member_configs(cfg)
     combiner = build_combiner(cfg)
@@ -223,16 +247,15 @@ def fit_ensemble(cfg: DictConfig, run_dir: Path, choices: dict[str, str],
     else:
         ensemble, extra = _fit_sequential(cfg, specs, images, combiner)
     metrics = assess(ensemble, images, assessment_trainer(cfg, run_dir, loggers), extra)
-    best = run_dir / "checkpoints" / "best.ckpt"
-    save_ensemble_checkpoint(ensemble, plain_config(cfg), [plain_config(m) for _, m in specs],
-                             best)
+    best = run_dir / "checkpoints" / BEST_CHECKPOINT
     metrics.update({"best_checkpoint": str(best), "dataset": images.info.to_dict(),
                     "overrides": list(overrides),
                     "ensemble": {"training": str(cfg.model.get("training")),
                                  "bagging": str(cfg.model.get("bagging")),
                                  "boosting": str(cfg.model.get("boosting")),
                                  "combiner": ensemble.combiner.name}})
-    finish(ensemble, metrics, run_dir, loggers)
+    finish(ensemble, metrics, run_dir, loggers, plain_config(cfg),
+           [plain_config(m) for _, m in specs])
     return metrics
 
 
@@ -246,6 +269,8 @@ def _train_member(mcfg: DictConfig, sampler: Any
                             build_loggers(mcfg))
     trainer.fit(model, datamodule=data)
     fitted = final_metrics(trainer, model, data, test=False)  # loads the best weights
+    fitted["best_checkpoint"] = publish_best_checkpoint(trainer, fitted["best_checkpoint"], model)
+    remove_resume_leftovers(member_dir)
     return data, model, trainer, {"best_checkpoint": fitted["best_checkpoint"],
                                   "epochs_trained": fitted["epochs_trained"]}
 
@@ -414,10 +439,9 @@ def assemble_from_checkpoints(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     config = plain_config(run_cfg)
     config["model"] = OmegaConf.to_container(node, resolve=True)
     config["combiner"] = OmegaConf.to_container(cfg.combiner, resolve=True)
-    best = run_dir / "checkpoints" / "best.ckpt"
-    save_ensemble_checkpoint(ensemble, config, [c["tailtune"]["config"] for c in checkpoints],
-                             best)
+    best = run_dir / "checkpoints" / BEST_CHECKPOINT
     metrics.update({"checkpoints": [str(p) for p in paths], "best_checkpoint": str(best),
                     "dataset": images.info.to_dict()})
-    finish(ensemble, metrics, run_dir, loggers)
+    finish(ensemble, metrics, run_dir, loggers, config,
+           [c["tailtune"]["config"] for c in checkpoints])
     return metrics

@@ -4,15 +4,18 @@ artifacts and the value returned to sweepers."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 
 from tailtune.models.base import ClassifierModule
 
 BEST_CHECKPOINT = "best.ckpt"
+IN_PROGRESS_CHECKPOINT = "best_so_far.ckpt"  # configs/callbacks/default.yaml
 
 
 def final_metrics(trainer: L.Trainer, model: ClassifierModule, datamodule: L.LightningDataModule,
@@ -33,6 +36,7 @@ def final_metrics(trainer: L.Trainer, model: ClassifierModule, datamodule: L.Lig
     if model.posthoc_steps:
         model.collect_val_outputs()
     trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+    refuse_non_finite_weights(model)
     metrics: dict[str, Any] = {
         "val": dict(model.val_results),
         "best_checkpoint": best,
@@ -44,37 +48,80 @@ def final_metrics(trainer: L.Trainer, model: ClassifierModule, datamodule: L.Lig
         untuned = model.posthoc_adjustment()
         logits, targets = model.take_val_outputs()
         metrics["posthoc"] = {**model.fit_posthoc(logits, targets), "before": before}
-        if best:
-            trainer.save_checkpoint(best)
-        trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+        # The model now holds the best weights and the tuned steps: later passes score it as
+        # it is, not reloaded. The in-progress file keeps the untuned steps, so a run stopped
+        # before it is done resumes from the same starting point (publish_best_checkpoint
+        # writes the tuned model to best.ckpt).
+        trainer.validate(model, datamodule=datamodule, verbose=False)
         metrics["val"] = dict(model.val_results)
         if (out_of_fold := metrics["posthoc"].get("val_bal_acc_out_of_fold")) is not None:
             metrics["val"]["bal_acc_out_of_fold"] = out_of_fold  # what selection reads
     if test:
-        trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+        trainer.test(model, datamodule=datamodule, verbose=False)
         metrics["test"] = dict(model.test_results)
         if model.posthoc_steps:  # the same pass's logits, untuned: one test pass, not two
             metrics["posthoc"]["before"]["test"] = model.rescore_test(untuned)
-    metrics["best_checkpoint"] = publish_best_checkpoint(trainer, best)
     return metrics
 
 
-def publish_best_checkpoint(trainer: L.Trainer, path: str | None) -> str | None:
-    """Give the best checkpoint its final name, ``best.ckpt``, once it has been tested.
+def refuse_non_finite_weights(model: ClassifierModule) -> None:
+    """A model with inf or NaN weights or statistics scores as if it guessed: its numbers
+    would pass for a finished run's. (The loss check catches most divergence as it
+    happens; a weight can overflow while the loss of the step stays finite.)"""
+    bad = [name for name, tensor in (*model.named_parameters(), *model.named_buffers())
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise FloatingPointError(
+            f"the best checkpoint holds non-finite values in {', '.join(bad[:3])}"
+            f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}: training diverged; "
+            "lower model.lr")
+
+
+def publish_best_checkpoint(trainer: L.Trainer, path: str | None, model: ClassifierModule
+                            ) -> str | None:
+    """Give the tested best checkpoint its final name, ``best.ckpt``; call it last, just
+    before the run is marked done.
 
     While training it is ``best_so_far.ckpt`` (configs/callbacks/default.yaml), so a run that
     fails (a NaN loss in epoch 5) or is killed never leaves a ``best.ckpt`` that looks like a
     finished run's result; resume reads ``last.ckpt``, whose callback state names the
-    in-progress file. Rank zero renames, after every rank has tested.
+    in-progress file. That file stays until :func:`remove_resume_leftovers` (after the
+    run is marked done): a run stopped in between still resumes. A model with post-hoc steps
+    is written as it is now (best weights, tuned steps); without, the file is linked.
     """
     callback = trainer.checkpoint_callback
     dirpath = getattr(callback, "dirpath", None)
     if not path or not dirpath or Path(path).parent != Path(dirpath):
         return path  # e.g. the best of another run this one resumed from: not ours to rename
     final = Path(path).with_name(BEST_CHECKPOINT)
-    if final != Path(path) and trainer.is_global_zero:
-        os.replace(path, final)
+    if final == Path(path):
+        return path
+    partial = final.with_name(f"{final.name}.part")
+    if model.posthoc_steps:
+        trainer.save_checkpoint(partial)  # every rank takes part; rank zero writes
+    elif trainer.is_global_zero:
+        partial.unlink(missing_ok=True)
+        try:
+            os.link(path, partial)
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(path, partial)
+    if trainer.is_global_zero:
+        os.replace(partial, final)
     return str(final)
+
+
+def remove_resume_leftovers(run_dir: Path) -> None:
+    """Once the run is done and holds ``best.ckpt``: ``best_so_far.ckpt`` and the state a
+    signal saved (``interrupted.ckpt``), which only a resume needed. (``last.ckpt`` stays.)"""
+    checkpoints = Path(run_dir) / "checkpoints"
+    if (checkpoints / BEST_CHECKPOINT).is_file():
+        (checkpoints / IN_PROGRESS_CHECKPOINT).unlink(missing_ok=True)
+        (checkpoints / "interrupted.ckpt").unlink(missing_ok=True)
+
+
+def withdraw_best_checkpoint(run_dir: Path) -> None:
+    """A run that failed holds no ``best.ckpt`` (it may have been published just before)."""
+    (Path(run_dir) / "checkpoints" / BEST_CHECKPOINT).unlink(missing_ok=True)
 
 
 def write_test_artifacts(model: ClassifierModule, run_dir: Path) -> None:

@@ -165,12 +165,17 @@ def reset_process_state(cfg: DictConfig) -> None:
     torch.use_deterministic_algorithms(bool(cfg.trainer.get("deterministic")), warn_only=True)
 
 
+def requeued() -> bool:
+    """Whether this process is a SLURM job's requeued restart."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
 def resume_checkpoint(ckpt_path: str | None, run_dir: Path, auto: bool = False) -> str | None:
     """An explicit path wins; with ``auto`` (or ``ckpt_path=auto``, or in a requeued SLURM
     job), the newest of the run dir's last, interrupted and ``hpc_ckpt_*`` checkpoints."""
     if ckpt_path not in (None, "auto"):
         return ckpt_path
-    auto = auto or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+    auto = auto or requeued()
     if not auto and ckpt_path != "auto":
         return None
     candidates = [run_dir / "checkpoints" / "last.ckpt",

@@ -19,11 +19,12 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
 
     from tailtune.report import compare as agg
     from tailtune.report import plots
-    from tailtune.report.runs import find_runs
+    from tailtune.report.runs import drop_repeats, find_runs
 
     runs = [run for d in sweep_dirs for run in find_runs(d)]
     if not runs:
         raise FileNotFoundError(f"no runs found under {', '.join(map(str, sweep_dirs))}")
+    runs, repeats = drop_repeats(runs)
     summaries = sorted(agg.summarize(runs, n_boot=n_boot, baseline=baseline),
                        key=lambda s: -s.mean.get(sort_by, float("-inf")))
     common = agg.strip_common_overrides(summaries)
@@ -47,6 +48,9 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
     for run in unfinished:
         reason = f": {run.error}" if run.error else ""
         console.print(f"[yellow]{run.status}[/] " + escape(f"{run.path}{reason}"))
+    for run in repeats:
+        console.print("[yellow]repeat, not counted[/] " + escape(
+            f"{run.path}: the same config and seed ({run.seed}) as a newer run"))
 
     agg.write_csv(summaries, out / "comparison.csv")
     agg.write_markdown(summaries, unfinished, out / "comparison.md", sort_by, common, name)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
 import math
 import os
 import re
@@ -25,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 # CONFIG_PATH: the entry points' config_path, re-exported for them.
 from tailtune.build.config import CONFIG_PATH, config_dirs  # noqa: F401
+from tailtune.report.runs import job_dir_hash
 
 T = TypeVar("T")
 
@@ -41,7 +41,7 @@ def register_resolvers() -> None:
     # share one sweep dir, and a run's dir is drawn exactly once.
     resolvers: dict[str, Callable[..., Any]] = {
         "tailtune_uid": lambda: secrets.token_hex(3),
-        "tailtune_hash": lambda text: hashlib.sha1(str(text).encode()).hexdigest()[:8],
+        "tailtune_job_hash": lambda overrides: job_dir_hash(list(overrides)),
         "tailtune_gpu_precision": _gpu_precision,
         # An epoch at a fraction of the run, e.g. LDAM-DRW's re-weighting at 80% (160 of 200).
         "tailtune_epochs_fraction": lambda epochs, fraction: max(
@@ -199,6 +199,7 @@ def _cross_key_problems(cfg: DictConfig, choices: dict[str, str], entry: str) ->
                             f"trains), got {data.val_fraction} + {data.test_fraction}")
         if ensemble:
             problems.extend(ensemble_problems(model))
+        problems.extend(_data_location_problems(data))
         backbone = cfg.get("backbone") or {}
         if backbone.get("weights") == "file":
             path = backbone.get("weights_path")
@@ -228,6 +229,23 @@ def _cross_key_problems(cfg: DictConfig, choices: dict[str, str], entry: str) ->
     signal_name = cfg.get("requeue_signal") if entry == "train" else None
     if signal_name and not hasattr(signal, str(signal_name)):
         problems.append(f"requeue_signal={signal_name} is not a signal name (e.g. SIGUSR2)")
+    return problems
+
+
+def _data_location_problems(data: Any) -> list[str]:
+    """An image folder or manifest that is not set or not there: refused before the run dir
+    exists (what is inside it is checked when it is read)."""
+    needs = {"root": "data.root=DIR, a folder holding train/<class>/<images> (optional val/ "
+                     "and test/)",
+             "manifest": "data.manifest=FILE.csv with columns path,label[,split]"}
+    problems = []
+    for key, hint in needs.items():
+        if key not in data:
+            continue
+        if not data.get(key):
+            problems.append(f"data.{key} is not set: pass {hint}")
+        elif not Path(str(data.get(key))).expanduser().exists():
+            problems.append(f"data.{key} does not exist: {data.get(key)}")
     return problems
 
 

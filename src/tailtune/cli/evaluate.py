@@ -25,7 +25,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from tailtune import console
     from tailtune.build import checkpoints, data, models, results, trainer
     from tailtune.build.config import eval_data_config
-    from tailtune.run_record import RunRecord
+    from tailtune.run_record import RunRecord, refuse_finished_run
 
     console.setup()
     trainer.configure_process(cfg)
@@ -36,8 +36,9 @@ def evaluate(cfg: DictConfig) -> dict:
     run_cfg.paths = cfg.paths  # this eval's own dirs, not the training run's
     run_cfg.data = eval_data_config(run_cfg.data, cfg.get("data"))
     run_dir = Path(cfg.paths.output_dir)
+    refuse_finished_run(run_dir)
     record = RunRecord(run_dir)
-    record.start({"ckpt_path": str(cfg.ckpt_path)})
+    record.start({"entry": "eval", "ckpt_path": str(cfg.ckpt_path)})
     save_hydra_files(cfg, run_dir)
     try:
         datamodule = data.build_datamodule(run_cfg)
@@ -67,22 +68,26 @@ def evaluate_ensemble(cfg: DictConfig) -> dict:
     from tailtune import console
     from tailtune.build import ensemble
     from tailtune.build.config import model_class
-    from tailtune.run_record import RunRecord
+    from tailtune.build.results import withdraw_best_checkpoint
+    from tailtune.run_record import RunRecord, refuse_finished_run
 
     if not model_class(cfg).is_ensemble:
         raise ValueError("tailtune-eval builds only model=ensemble (from model.checkpoints); "
                          "evaluate a single model with ckpt_path=PATH")
     run_dir = Path(cfg.paths.output_dir)
+    refuse_finished_run(run_dir)
     record = RunRecord(run_dir)
-    record.start({"checkpoints": [str(c) for c in cfg.model.get("checkpoints") or []]})
+    record.start({"entry": "eval_ensemble",
+                  "checkpoints": [str(c) for c in cfg.model.get("checkpoints") or []]})
     save_hydra_files(cfg, run_dir)
     try:
         results = ensemble.assemble_from_checkpoints(cfg, run_dir)
+        record.finish(results)
     except BaseException as err:
+        withdraw_best_checkpoint(run_dir)
         record.fail(err)
         console.print_failure(run_dir, err)
         raise
-    record.finish(results)
     console.print_results(results, run_dir, title="ensemble of "
                           f"{len(results.get('members', {}))} checkpoints")
     return results

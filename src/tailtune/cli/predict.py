@@ -39,15 +39,16 @@ def predict(cfg: DictConfig) -> dict:
     from tailtune.build.trainer import choose_device, configure_process
     from tailtune.data.folders import list_inputs
     from tailtune.data.images import ImageFiles
-    from tailtune.run_record import RunRecord
+    from tailtune.run_record import RunRecord, refuse_finished_run
 
     configure_process(cfg)
     checkpoint = read_checkpoint(cfg.ckpt_path)
     files, labels = list_inputs(str(cfg.input))
     run_dir = Path(cfg.paths.output_dir)
+    refuse_finished_run(run_dir)
     output = Path(cfg.output).expanduser() if cfg.get("output") else run_dir / "predictions.csv"
     record = RunRecord(run_dir)
-    record.start({"ckpt_path": str(cfg.ckpt_path), "input": str(cfg.input)})
+    record.start({"entry": "predict", "ckpt_path": str(cfg.ckpt_path), "input": str(cfg.input)})
     save_hydra_files(cfg, run_dir)
     try:
         model = model_from_checkpoint(checkpoint).to(choose_device(cfg.device)).eval()

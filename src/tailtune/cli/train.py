@@ -51,7 +51,7 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
         return selection_value(done, cfg.optimized_metric)
 
     record = RunRecord(run_dir, rank_zero=trainer.is_rank_zero())
-    record.start({"choices": choices or {}, "overrides": overrides or []})
+    record.start({"entry": "train", "choices": choices or {}, "overrides": overrides or []})
     if record.rank_zero:
         save_hydra_files(cfg, run_dir)
     try:
@@ -87,13 +87,19 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
             metrics["overrides"] = overrides or []
             results.write_test_artifacts(model, run_dir)
             trainer.log_final_metrics(fitter.loggers, metrics, fitter.global_step)
+            metrics["best_checkpoint"] = results.publish_best_checkpoint(
+                fitter, metrics["best_checkpoint"], model)
+        record.finish(metrics)
     except BaseException as err:
+        if record.rank_zero:
+            results.withdraw_best_checkpoint(run_dir)
         record.fail(err)
         output.print_failure(run_dir, err)
         if isinstance(err, SystemExit) and not err.code:  # Lightning's SIGTERM exit is code 0
             raise SystemExit(143) from err
         raise
-    record.finish(metrics)
+    if record.rank_zero:
+        results.remove_resume_leftovers(run_dir)
     output.print_results(metrics, run_dir)
     return selection_value(metrics, cfg.optimized_metric)
 

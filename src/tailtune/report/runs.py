@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,34 @@ SEED_KEYS = ("seed",)
 # How a run is run, not what it computes (overrides of these or anything under them): a sweep
 # rerun with resume=auto, or on another launcher or thread count, is still the same config.
 # ckpt_path is not among them: it can warm-start.
-NOT_CONFIG = (*SEED_KEYS, "resume", "threads", "launcher", "logger", "keep_freed_memory",
-              "requeue_signal", "paths", "hydra")
+HOW_RUN = ("resume", "threads", "launcher", "logger", "keep_freed_memory", "requeue_signal",
+           "paths", "hydra")
+NOT_CONFIG = (*SEED_KEYS, *HOW_RUN)
+
+
+def _top_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~").split(".", 1)[0]
+
+
+def says_how_to_run(override: str) -> bool:
+    """An override of how a run is run (or resumed), not of what it computes."""
+    return _top_key(override) in HOW_RUN or override.lstrip("+~") == "ckpt_path=auto"
 
 
 def is_config_override(override: str) -> bool:
-    return override.split("=", 1)[0].lstrip("+~").split(".", 1)[0] not in NOT_CONFIG
+    return not says_how_to_run(override) and _top_key(override) not in SEED_KEYS
+
+
+def job_dir_hash(overrides: Sequence[str]) -> str:
+    """A sweep job dir's hash: of the job's overrides (sorted, as Hydra's override_dirname
+    joins them) without those that say how it is run, so a sweep rerun with resume=auto,
+    threads=1 or another launcher finds its jobs' dirs again."""
+    kept = sorted(str(o) for o in overrides if not says_how_to_run(str(o)))
+    return hashlib.sha1(",".join(kept).encode()).hexdigest()[:8]
+
+
+# Entry points whose run dirs re-score a trained run's checkpoint: not runs of a config.
+RESCORING_ENTRIES = ("eval", "predict")
 
 
 @dataclass
@@ -97,13 +121,26 @@ def metrics_from_events(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def _rescores_a_checkpoint(run_dir: Path) -> bool:
+    """A tailtune-eval (of one checkpoint) or tailtune-predict dir: its numbers are another
+    run's, counted there."""
+    record = _read_json(run_dir / "run.json")
+    if "entry" in record:
+        return record["entry"] in RESCORING_ENTRIES
+    # Written before run.json named its entry point: only training records its choices.
+    return "ckpt_path" in record and "choices" not in record
+
+
 def find_runs(root: Path) -> list[Run]:
-    """Every run dir under ``root`` (a sweep dir, or a dir of runs), finished or not."""
+    """Every training run dir under ``root`` (a sweep dir, or a dir of runs), finished or not;
+    eval and predict dirs, which re-score a run's checkpoint, are left out."""
     root = Path(root)
     candidates = {p.parent for p in root.rglob("status.json")}
     candidates |= {p.parent.parent for p in root.rglob(".hydra/overrides.yaml")}
     runs = []
     for run_dir in sorted(candidates):
+        if _rescores_a_checkpoint(run_dir):
+            continue
         status = _read_json(run_dir / "status.json")
         metrics = _read_json(run_dir / "metrics.json")
         state = status.get("status", "unknown" if not metrics else "done")
@@ -114,3 +151,31 @@ def find_runs(root: Path) -> list[Run]:
                         status.get("error", ""),
                         _read_json(run_dir / "timings.json").get("wall_s")))
     return runs
+
+
+def drop_repeats(runs: list[Run]) -> tuple[list[Run], list[Run]]:
+    """``(kept, dropped)``: of finished runs with the same config and seed (a sweep rerun into
+    new job dirs, a copy), only the newest counts. Counted twice, a repeat would pass for a
+    second seed, with a spread of zero."""
+    newest: dict[tuple[tuple[str, ...], str], Run] = {}
+    dropped = []
+    for run in runs:
+        if run.status != "done" or not run.seed:
+            continue
+        key = (run.config_parts, run.seed)
+        other = newest.get(key)
+        if other is None:
+            newest[key] = run
+            continue
+        older, newer = sorted((other, run), key=_finished_at)
+        newest[key] = newer
+        dropped.append(older)
+    gone = {id(r) for r in dropped}
+    return [r for r in runs if id(r) not in gone], dropped
+
+
+def _finished_at(run: Run) -> float:
+    try:
+        return (run.path / "status.json").stat().st_mtime
+    except OSError:
+        return 0.0
