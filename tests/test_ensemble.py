@@ -349,6 +349,13 @@ def test_ensemble_run_reports_every_member_next_to_the_ensemble(trained_ensemble
             assert {"bal_acc", "macro_f1", "recall/0", "recall/9"} <= set(scope[split])
     assert metrics["combiner"]["name"] == "weighted"
     assert sum(metrics["combiner"]["weights"]) == pytest.approx(1.0)
+    members = list(metrics["members"].values())
+    by_test = max(m["test"]["bal_acc"] for m in members)
+    by_val = max(members, key=lambda m: m["val"]["bal_acc"])["test"]["bal_acc"]
+    assert metrics["ensemble_minus_best_member_test_bal_acc"] == pytest.approx(
+        metrics["test"]["bal_acc"] - by_test)
+    assert metrics["ensemble_minus_val_picked_member_test_bal_acc"] == pytest.approx(
+        metrics["test"]["bal_acc"] - by_val)
     assert len(_members_of(run_dir)) == 3
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
