@@ -235,7 +235,7 @@ class PreemptionCheckpoint(L.Callback):
             return
         signum, frame = self._pending
         self._pending = None
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
         signal.signal(signum, self._previous or signal.SIG_DFL)
         if callable(self._previous):
             self._previous(signum, frame)  # submitit / Lightning: requeue, then exit
@@ -260,4 +260,4 @@ class PreemptionCheckpoint(L.Callback):
         # epoch's training would be lost with it).
         if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) \
                 and trainer.state.fn == "fit":
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)

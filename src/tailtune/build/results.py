@@ -98,7 +98,7 @@ def publish_best_checkpoint(trainer: L.Trainer, path: str | None, model: Classif
         return path
     partial = final.with_name(f"{final.name}.part")
     if model.posthoc_steps:
-        trainer.save_checkpoint(partial)  # every rank takes part; rank zero writes
+        trainer.save_checkpoint(partial, weights_only=False)  # all ranks; rank 0 writes
     elif trainer.is_global_zero:
         partial.unlink(missing_ok=True)
         try:
