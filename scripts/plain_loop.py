@@ -88,6 +88,18 @@ def score_heldout(model: torch.nn.Module, spec: str, info: DatasetInfo, resize: 
     return {"input": spec, "bal_acc": balanced_accuracy_score(labels, names)}
 
 
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """The lr factor of batch ``step``: linear warmup over ``warmup`` batches, then a cosine
+    from 1 to 0 over the rest (transformers' get_cosine_schedule_with_warmup; tailtune's
+    schedule has the same shape, ending at 0.01). Until 2026-12-05 the cosine spanned the
+    warmup too, which kept this loop's lr lower than the recipe's (0.8x on average on
+    Fashion-MNIST-LT)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="tailtune config overrides (data, backbone)")
@@ -126,8 +138,8 @@ def main() -> None:
     train = data.train_dataloader()
     total, warmup = args.epochs * len(train), len(train)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
-        (step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / total))))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup, total))
     for epoch in range(args.epochs):
         data.train_sampler.set_epoch(epoch)  # a new order each epoch, as shuffle=True gives
         model.train()

@@ -111,3 +111,18 @@ def test_heldout_delta_pairs_seeds_on_the_same_files(tmp_path, monkeypatch, caps
     out = capsys.readouterr().out
     # balanced accuracy: base 0.8 and 0.7, other 0.9 and 0.9: +10 and +20 points, mean +15
     assert "mean 0.900  delta +15.0 [" in out and "per seed +10.0, +20.0" in out
+
+
+def test_loop_schedule_is_tailtunes_warmup_then_cosine():
+    """The loop's lr follows the recipe's shape (warmup, then a cosine over the remaining
+    steps), so neither side trains hotter; tailtune's ends at min_lr_ratio, here 0."""
+    from tailtune.models.schedules import WarmupCosine
+
+    warmup_cosine = runpy.run_path(str(SCRIPT))["warmup_cosine"]
+    total, warmup = 5 * 114, 114  # Fashion-MNIST-LT: 5 epochs of 114 batches
+    reference = WarmupCosine(warmup_epochs=1.0, min_lr_ratio=0.0)
+    factors = [warmup_cosine(s, warmup, total) for s in range(total)]
+    assert factors == pytest.approx([reference.factor(s, 0, total, warmup)
+                                     for s in range(total)])
+    assert factors[warmup - 1] == 1.0 and factors[warmup] == 1.0  # the peak, then the decay
+    assert factors[warmup + (total - warmup) // 2] == pytest.approx(0.5)
