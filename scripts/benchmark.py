@@ -316,11 +316,12 @@ def recipe(root: Path, data: str, repeats: int, epochs: int) -> dict[str, Any]:
                 scheduler.step()
             plain.eval()
             predicted, seen = [], []
-            with torch.no_grad():
+            with torch.inference_mode():  # as Lightning validates
                 for images, targets in datamodule.val_dataloader():
                     logits = plain.head(plain.features(images))
-                    if plain.tta_flip:
-                        logits = (logits + plain.head(plain.features(images.flip(-1)))) / 2
+                    if plain.tta_flip:  # the two views' mean probability, as tailtune
+                        mirrored = plain.head(plain.features(images.flip(-1)))
+                        logits = logits.softmax(1) + mirrored.softmax(1)
                     predicted.append(logits.argmax(1))
                     seen.append(targets)
             balanced_accuracy_score(torch.cat(seen), torch.cat(predicted))
@@ -336,6 +337,7 @@ def recipe(root: Path, data: str, repeats: int, epochs: int) -> dict[str, Any]:
             "train_batches": steps_per_epoch, "image_size": cfg.backbone.image_size,
             "threads": torch.get_num_threads(), "tailtune_epoch_s": lightning,
             "plain_epoch_s": plain_s, "ratio": lightning / plain_s,
+            "ratio_median_of_repeats": statistics.median(r["ratio"] for r in per_repeat),
             "per_repeat": per_repeat, "goal": GOALS["recipe_ratio"]}
 
 
@@ -477,7 +479,8 @@ def table(report: dict[str, Any]) -> str:
         rows.append((f"Recipe epoch time, tailtune / plain loop ({r['data']}, median of "
                      f"{r['repeats']})",
                      f"{r['ratio']:.3f}x ({r['tailtune_epoch_s']:.2f} vs "
-                     f"{r['plain_epoch_s']:.2f} s/epoch)",
+                     f"{r['plain_epoch_s']:.2f} s/epoch; median of the repeats' own ratios "
+                     f"{r['ratio_median_of_repeats']:.3f}x)",
                      f"<= {r['goal']:.2f}x", mark(r["ratio"] <= r["goal"])))
     if "allocator" in report:
         a = report["allocator"]
