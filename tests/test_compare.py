@@ -163,12 +163,17 @@ def test_a_repeat_counts_once_and_eval_dirs_not_at_all(tmp_path, capsys):
     _run(root, "1", ["loss=ce", "seed=2", "ckpt_path=auto"], seed=2)
     scored = _run(root, "eval", ["ckpt_path=/x/best.ckpt"], seed=1)
     (scored / "run.json").write_text(json.dumps({"entry": "eval", "ckpt_path": "/x/best.ckpt"}))
+    # A sweep without seed= overrides, run twice: the seed is the one the runs recorded.
+    for name, when in (("2_first", 3_000), ("2_again", 4_000)):
+        run = _run(root, name, ["loss=focal"], seed=3)
+        (run / "config.yaml").write_text("seed: 7\nmodel:\n  lr: 0.001\n")
+        os.utime(run / "status.json", (when, when))
     runs, repeats = drop_repeats(find_runs(root))
-    assert [r.path.name for r in repeats] == ["0_old"]
-    assert {s.key: s.n for s in summarize(runs, n_boot=20)} == {"loss=ce": 2}
+    assert sorted(r.path.name for r in repeats) == ["0_old", "2_first"]
+    assert {s.key: s.n for s in summarize(runs, n_boot=20)} == {"loss=ce": 2, "loss=focal": 1}
     compare_main([str(root), "--bootstrap", "50"])
     out = capsys.readouterr().out
-    assert "1 configs, 2 runs" in out and "repeat, not counted" in out and "0_old" in out
+    assert "2 configs, 3 runs" in out and "repeat, not counted" in out and "0_old" in out
 
 
 def test_an_override_whose_value_holds_commas_stays_whole(tmp_path, capsys):

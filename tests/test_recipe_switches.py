@@ -192,6 +192,12 @@ def test_tta_flip_averages_the_mirror_image_at_eval_only(smoke_cfg):
         symmetric = torch.cat([x[..., :8], x[..., :8].flip(-1)], dim=-1)
         torch.testing.assert_close(model(symmetric).softmax(1),
                                    model.head(model.features(symmetric)).softmax(1))
+        # A checkpoint written before 2026-12-05 had its post-hoc steps tuned on mean logits.
+        model.on_load_checkpoint({"tailtune": {}})
+        torch.testing.assert_close(model(x), (plain + mirrored) / 2)
+        model.tta_mean_probability = True
+        model.on_load_checkpoint({"tailtune": model.checkpoint_metadata()})
+        assert model.tta_mean_probability
     model.train()
     torch.manual_seed(0)
     assert not torch.allclose(F.softmax(model(x), 1), F.softmax((plain + mirrored) / 2, 1))

@@ -224,18 +224,13 @@ class PreemptionCheckpoint(L.Callback):
                            batch: Any, batch_idx: int) -> None:
         self._act_on_pending(trainer)
 
-    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                                outputs: Any, batch: Any, batch_idx: int,
-                                dataloader_idx: int = 0) -> None:
-        if trainer.state.fn == "fit":  # validation inside fit: its epoch's training is done
-            self._act_on_pending(trainer)
-
-    def _act_on_pending(self, trainer: L.Trainer) -> None:
+    def _act_on_pending(self, trainer: L.Trainer, save: bool = True) -> None:
         if self._pending is None:
             return
         signum, frame = self._pending
         self._pending = None
-        trainer.save_checkpoint(self.path, weights_only=False)
+        if save:
+            trainer.save_checkpoint(self.path, weights_only=False)
         signal.signal(signum, self._previous or signal.SIG_DFL)
         if callable(self._previous):
             self._previous(signum, frame)  # submitit / Lightning: requeue, then exit
@@ -243,12 +238,13 @@ class PreemptionCheckpoint(L.Callback):
         job = os.environ.get("SLURM_JOB_ID")
         if job and trainer.is_global_zero:
             subprocess.call(["scontrol", "requeue", job])
-        raise SystemExit(f"stopped by signal {signum}; state saved to {self.path}")
+        saved = f"state saved to {self.path}" if save else "fit had finished (last.ckpt)"
+        raise SystemExit(f"stopped by signal {signum}; {saved}")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # A signal in the last steps (the final validation) still requeues: the resumed job
-        # finds fit finished and goes on to the test.
-        self._act_on_pending(trainer)
+        # A signal in the last steps (the final validation) still requeues. Nothing to save:
+        # last.ckpt holds the finished fit, and the resumed job goes on to the test.
+        self._act_on_pending(trainer, save=False)
         if self.signum is not None and self._previous is not None:
             signal.signal(self.signum, self._previous)
 
@@ -256,8 +252,9 @@ class PreemptionCheckpoint(L.Callback):
                      exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        # Inside fit, its validation included (trainer.training is False there, and the
-        # epoch's training would be lost with it).
-        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) \
-                and trainer.state.fn == "fit":
+        # Only while training: a state saved during an epoch's validation resumes with that
+        # validation skipped (Lightning counts the epoch as done), so its score and its chance
+        # to be the best checkpoint would be lost. The resume then starts from last.ckpt and
+        # trains that epoch again, to the same result.
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and trainer.training:
             trainer.save_checkpoint(self.path, weights_only=False)

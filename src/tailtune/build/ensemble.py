@@ -53,6 +53,7 @@ from tailtune.build.results import (
     BEST_CHECKPOINT,
     final_metrics,
     publish_best_checkpoint,
+    refuse_non_finite_weights,
     remove_resume_leftovers,
     write_test_artifacts,
 )
@@ -269,8 +270,9 @@ def _train_member(mcfg: DictConfig, sampler: Any
                             build_loggers(mcfg))
     trainer.fit(model, datamodule=data)
     fitted = final_metrics(trainer, model, data, test=False)  # loads the best weights
-    fitted["best_checkpoint"] = publish_best_checkpoint(trainer, fitted["best_checkpoint"], model)
-    remove_resume_leftovers(member_dir)
+    fitted["best_checkpoint"] = publish_best_checkpoint(trainer, fitted["best_checkpoint"])
+    if trainer.is_global_zero:
+        remove_resume_leftovers(member_dir)
     return data, model, trainer, {"best_checkpoint": fitted["best_checkpoint"],
                                   "epochs_trained": fitted["epochs_trained"]}
 
@@ -369,7 +371,10 @@ def _fit_joint(cfg: DictConfig, specs: list[tuple[str, DictConfig]],
     best = callback.best_model_path if callback is not None else ""
     if best:  # the members' weights at the best (soft-vote) validation epoch
         ensemble.load_state_dict(read_checkpoint(best)["state_dict"])
-    return ensemble, {n: {"best_checkpoint": best or None} for n, _ in specs}
+    refuse_non_finite_weights(ensemble)
+    # No file of their own: their weights are in the ensemble's best.ckpt (the in-progress
+    # file the callback names is removed once the run is done).
+    return ensemble, {n: {"best_checkpoint": None} for n, _ in specs}
 
 
 # -- assembling from checkpoints ----------------------------------------------------------------

@@ -16,6 +16,7 @@ from tailtune.models.base import ClassifierModule
 
 BEST_CHECKPOINT = "best.ckpt"
 IN_PROGRESS_CHECKPOINT = "best_so_far.ckpt"  # configs/callbacks/default.yaml
+TUNED_CHECKPOINT = "best_tuned.ckpt.part"  # best.ckpt-to-be of a model with post-hoc steps
 
 
 def final_metrics(trainer: L.Trainer, model: ClassifierModule, datamodule: L.LightningDataModule,
@@ -23,8 +24,9 @@ def final_metrics(trainer: L.Trainer, model: ClassifierModule, datamodule: L.Lig
     """Val (and test) metrics of the best checkpoint, from full single passes.
 
     A model with post-hoc steps (``model.posthoc``, tau-norm) has them tuned on the best
-    checkpoint's validation predictions, then stored in that checkpoint, so eval and predict
-    reuse them; the metrics before the adjustment are reported under ``posthoc.before``.
+    checkpoint's validation predictions, then stored with it (best.ckpt, once published), so
+    eval and predict reuse them; the metrics before the adjustment are under
+    ``posthoc.before``.
     """
     # Whole splits, whatever trainer.limit_val/test_batches say: a limit saves time per epoch,
     # but a reported number (or a post-hoc step tuned on val) of part of a split is wrong,
@@ -43,25 +45,37 @@ def final_metrics(trainer: L.Trainer, model: ClassifierModule, datamodule: L.Lig
         "epochs_trained": trainer.current_epoch,
         "dataset": datamodule.info.to_dict(),
     }
+    scored = best
     if model.posthoc_steps:
         before = {"val": dict(model.val_results)}
         untuned = model.posthoc_adjustment()
         logits, targets = model.take_val_outputs()
         metrics["posthoc"] = {**model.fit_posthoc(logits, targets), "before": before}
-        # The model now holds the best weights and the tuned steps: later passes score it as
-        # it is, not reloaded. The in-progress file keeps the untuned steps, so a run stopped
-        # before it is done resumes from the same starting point (publish_best_checkpoint
-        # writes the tuned model to best.ckpt).
-        trainer.validate(model, datamodule=datamodule, verbose=False)
+        # The tuned model goes to a file of its own: the in-progress one keeps the untuned
+        # steps, so a run stopped before it is done resumes from the same starting point.
+        # Later passes load that file (with no ckpt_path, Lightning would load a SLURM
+        # hpc_ckpt if there is one); publish_best_checkpoint renames it to best.ckpt.
+        scored = tuned_checkpoint_path(trainer)
+        if scored is not None:
+            trainer.save_checkpoint(scored, weights_only=False)  # all ranks; rank 0 writes
+            metrics["best_checkpoint"] = scored
+        trainer.validate(model, datamodule=datamodule, ckpt_path=scored, verbose=False)
         metrics["val"] = dict(model.val_results)
         if (out_of_fold := metrics["posthoc"].get("val_bal_acc_out_of_fold")) is not None:
             metrics["val"]["bal_acc_out_of_fold"] = out_of_fold  # what selection reads
     if test:
-        trainer.test(model, datamodule=datamodule, verbose=False)
+        trainer.test(model, datamodule=datamodule, ckpt_path=scored, verbose=False)
         metrics["test"] = dict(model.test_results)
         if model.posthoc_steps:  # the same pass's logits, untuned: one test pass, not two
             metrics["posthoc"]["before"]["test"] = model.rescore_test(untuned)
     return metrics
+
+
+def tuned_checkpoint_path(trainer: L.Trainer) -> str | None:
+    """Where this run's best model with its tuned post-hoc steps is written until the run
+    is done (then renamed to best.ckpt); None without a checkpoint dir."""
+    dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+    return str(Path(dirpath) / TUNED_CHECKPOINT) if dirpath else None
 
 
 def refuse_non_finite_weights(model: ClassifierModule) -> None:
@@ -77,36 +91,35 @@ def refuse_non_finite_weights(model: ClassifierModule) -> None:
             "lower model.lr")
 
 
-def publish_best_checkpoint(trainer: L.Trainer, path: str | None, model: ClassifierModule
-                            ) -> str | None:
+def publish_best_checkpoint(trainer: L.Trainer, path: str | None) -> str | None:
     """Give the tested best checkpoint its final name, ``best.ckpt``; call it last, just
-    before the run is marked done.
+    before the run is marked done. Rank zero's file operations only (no collective call:
+    another rank may wait on none).
 
     While training it is ``best_so_far.ckpt`` (configs/callbacks/default.yaml), so a run that
     fails (a NaN loss in epoch 5) or is killed never leaves a ``best.ckpt`` that looks like a
     finished run's result; resume reads ``last.ckpt``, whose callback state names the
-    in-progress file. That file stays until :func:`remove_resume_leftovers` (after the
-    run is marked done): a run stopped in between still resumes. A model with post-hoc steps
-    is written as it is now (best weights, tuned steps); without, the file is linked.
+    in-progress file. That file stays until :func:`remove_resume_leftovers` (after the run
+    is marked done): a run stopped in between still resumes, from the untuned state. The
+    tuned model (:func:`final_metrics`) is renamed into place; the in-progress file is
+    linked.
     """
-    callback = trainer.checkpoint_callback
-    dirpath = getattr(callback, "dirpath", None)
+    dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
     if not path or not dirpath or Path(path).parent != Path(dirpath):
         return path  # e.g. the best of another run this one resumed from: not ours to rename
     final = Path(path).with_name(BEST_CHECKPOINT)
-    if final == Path(path):
-        return path
+    if final == Path(path) or not trainer.is_global_zero:
+        return str(final)
+    if Path(path).name == TUNED_CHECKPOINT:
+        os.replace(path, final)
+        return str(final)
     partial = final.with_name(f"{final.name}.part")
-    if model.posthoc_steps:
-        trainer.save_checkpoint(partial, weights_only=False)  # all ranks; rank 0 writes
-    elif trainer.is_global_zero:
-        partial.unlink(missing_ok=True)
-        try:
-            os.link(path, partial)
-        except OSError:  # a filesystem without hard links
-            shutil.copyfile(path, partial)
-    if trainer.is_global_zero:
-        os.replace(partial, final)
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(path, partial)
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(path, partial)
+    os.replace(partial, final)
     return str(final)
 
 
@@ -115,8 +128,8 @@ def remove_resume_leftovers(run_dir: Path) -> None:
     signal saved (``interrupted.ckpt``), which only a resume needed. (``last.ckpt`` stays.)"""
     checkpoints = Path(run_dir) / "checkpoints"
     if (checkpoints / BEST_CHECKPOINT).is_file():
-        (checkpoints / IN_PROGRESS_CHECKPOINT).unlink(missing_ok=True)
-        (checkpoints / "interrupted.ckpt").unlink(missing_ok=True)
+        for leftover in (IN_PROGRESS_CHECKPOINT, TUNED_CHECKPOINT, "interrupted.ckpt"):
+            (checkpoints / leftover).unlink(missing_ok=True)
 
 
 def withdraw_best_checkpoint(run_dir: Path) -> None:

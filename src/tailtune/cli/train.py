@@ -88,7 +88,8 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
             results.write_test_artifacts(model, run_dir)
             trainer.log_final_metrics(fitter.loggers, metrics, fitter.global_step)
             metrics["best_checkpoint"] = results.publish_best_checkpoint(
-                fitter, metrics["best_checkpoint"], model)
+                fitter, metrics["best_checkpoint"])
+        metrics["seed"] = cfg.get("seed")  # tailtune-compare pairs and de-duplicates by it
         record.finish(metrics)
     except BaseException as err:
         if record.rank_zero:

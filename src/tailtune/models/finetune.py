@@ -49,6 +49,7 @@ from tailtune.models.lora import add_lora
 from tailtune.models.schedules import WarmupCosine, stepping_batches
 
 log = logging.getLogger(__name__)
+TTA_MEAN_PROBABILITY_KEY = "tta_flip_mean_probability"
 
 BN_MODES = ("frozen", "train")
 TUNE_MODES = ("full", "bitfit", "lora")
@@ -117,6 +118,8 @@ class FineTuneModule(ClassifierModule):
         self.layer_decay = layer_decay
         self.mix = mix
         self.tta_flip = tta_flip
+        # False for checkpoints older than it (their steps were tuned on mean logits).
+        self.tta_mean_probability = True
         self.probe_epochs = probe_epochs
         self.feature_cache_dir = feature_cache_dir
         self.optimizer_factory = optimizer or (lambda groups: torch.optim.AdamW(groups))
@@ -190,6 +193,8 @@ class FineTuneModule(ClassifierModule):
             # prior, is exact only for a mean of smoothed distributions (softmax of mean
             # logits lifts every class the views disagree on above it).
             mirrored = self.head(self.features(images.flip(-1)))
+            if not self.tta_mean_probability:
+                return (logits + mirrored) / 2
             views = torch.stack([logits.log_softmax(dim=1), mirrored.log_softmax(dim=1)])
             logits = views.logsumexp(dim=0) - math.log(2.0)
         return logits
@@ -305,5 +310,12 @@ class FineTuneModule(ClassifierModule):
             "preprocess": self.preprocess.to_config(),
             "backbone": self.backbone_identity,
             "head": {"kind": self.head_kind, "scale": self.head_scale},
+            TTA_MEAN_PROBABILITY_KEY: self.tta_mean_probability,
         })
         return meta
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # Written before 2026-12-05: its post-hoc steps were tuned on the flip's mean logits.
+        self.tta_mean_probability = bool(
+            checkpoint.get("tailtune", {}).get(TTA_MEAN_PROBABILITY_KEY, False))

@@ -81,11 +81,20 @@ class Run:
 
     @property
     def seed(self) -> str:
+        """The run's seed: its override, else what it recorded (metrics.json; config.yaml
+        for runs written before metrics.json held it); "" if unknown."""
         for o in self.overrides:
             key, _, value = o.partition("=")
             if key.lstrip("+~") in SEED_KEYS:
                 return value
-        return str(self.metrics.get("seed", ""))
+        if self.metrics.get("seed") is not None:
+            return str(self.metrics["seed"])
+        config = self.path / "config.yaml"
+        try:
+            seed = (yaml.safe_load(config.read_text()) or {}).get("seed")
+        except (OSError, yaml.YAMLError, AttributeError):
+            seed = None
+        return "" if seed is None else str(seed)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
