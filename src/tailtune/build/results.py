@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from tailtune.build.trainer import INTERRUPTED_CHECKPOINT
 from tailtune.models.base import ClassifierModule
 
 BEST_CHECKPOINT = "best.ckpt"
@@ -128,7 +129,7 @@ def remove_resume_leftovers(run_dir: Path) -> None:
     signal saved (``interrupted.ckpt``), which only a resume needed. (``last.ckpt`` stays.)"""
     checkpoints = Path(run_dir) / "checkpoints"
     if (checkpoints / BEST_CHECKPOINT).is_file():
-        for leftover in (IN_PROGRESS_CHECKPOINT, TUNED_CHECKPOINT, "interrupted.ckpt"):
+        for leftover in (IN_PROGRESS_CHECKPOINT, TUNED_CHECKPOINT, INTERRUPTED_CHECKPOINT):
             (checkpoints / leftover).unlink(missing_ok=True)
 
 

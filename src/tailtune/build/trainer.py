@@ -19,6 +19,7 @@ from tailtune.callbacks import CheckpointConfig, EpochReseed, PreemptionCheckpoi
 
 # The final metrics every run reports to the loggers as hp/<metric> (TensorBoard's HParams).
 HP_METRICS = ("val/bal_acc", "test/bal_acc", "test/macro_f1", "test/acc")
+INTERRUPTED_CHECKPOINT = "interrupted.ckpt"  # the state a stopping signal saved
 
 
 def choose_device(requested: Any = "auto", accelerator: Any = None) -> str:
@@ -69,7 +70,7 @@ def training_callbacks(cfg: DictConfig, datamodule: Any) -> list[L.Callback]:
         EpochReseed(cfg.seed),
         SamplerEpoch(datamodule.train_sampler, datamodule.info.class_names),
         CheckpointConfig(plain_config(cfg)),
-        PreemptionCheckpoint(Path(cfg.paths.output_dir) / "checkpoints" / "interrupted.ckpt",
+        PreemptionCheckpoint(Path(cfg.paths.output_dir) / "checkpoints" / INTERRUPTED_CHECKPOINT,
                              cfg.get("requeue_signal")),
     ]
 
@@ -179,6 +180,7 @@ def resume_checkpoint(ckpt_path: str | None, run_dir: Path, auto: bool = False) 
     if not auto and ckpt_path != "auto":
         return None
     candidates = [run_dir / "checkpoints" / "last.ckpt",
-                  run_dir / "checkpoints" / "interrupted.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+                  run_dir / "checkpoints" / INTERRUPTED_CHECKPOINT,
+                  *run_dir.glob("hpc_ckpt_*.ckpt")]
     existing = [p for p in candidates if p.is_file()]
     return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None

@@ -7,6 +7,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ class Run:
     def val_is_test(self) -> bool:
         return bool(self.metrics.get("dataset", {}).get("val_is_test", False))
 
-    @property
+    @cached_property
     def seed(self) -> str:
         """The run's seed: its override, else what it recorded (metrics.json; config.yaml
         for runs written before metrics.json held it); "" if unknown."""
