@@ -260,7 +260,7 @@ def one_line(err: BaseException) -> str:
     if isinstance(err, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
     if type(err).__name__ == "SIGTERMException":  # Lightning's, a SystemExit without a code
-        return "stopped by SIGTERM (inside fit, its state was saved: resume=auto resumes it)"
+        return "stopped by SIGTERM (resume=auto resumes it from its last saved state)"
     if isinstance(err, SystemExit):
         return f"stopped (exit code {err.code})" if isinstance(err.code, int) else \
             f"stopped: {err.code}"
