@@ -18,7 +18,8 @@ from tailtune.run_record import selection_value
 SEED_KEYS = ("seed",)
 # How a run is run, not what it computes (overrides of these or anything under them): a sweep
 # rerun with resume=auto, or on another launcher or thread count, is still the same config.
-# ckpt_path is not among them: it can warm-start.
+# ckpt_path=<file> is not among them: it can warm-start (ckpt_path=auto resumes the run's own
+# state: says_how_to_run).
 HOW_RUN = ("resume", "threads", "launcher", "logger", "keep_freed_memory", "requeue_signal",
            "paths", "hydra")
 NOT_CONFIG = (*SEED_KEYS, *HOW_RUN)
