@@ -69,11 +69,12 @@ def cli(tmp_path, monkeypatch, capfd) -> Callable[..., tuple[int | str | None, s
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
-    def run(*overrides: str, script: str = "train") -> tuple[int | str | None, str]:
+    def run(*overrides: str, script: str = "train",
+            multirun: bool = False) -> tuple[int | str | None, str]:
         main = {"train": train_cli.main, "eval": eval_cli.main,
                 "predict": predict_cli.main}[script]
         smoke = [] if script == "predict" else ["debug=smoke"]
-        monkeypatch.setattr(sys, "argv", [f"tailtune-{script}", *smoke,
+        monkeypatch.setattr(sys, "argv", [f"tailtune-{script}", *(["-m"] * multirun), *smoke,
                                           f"paths.log_dir={tmp_path / 'logs'}", *overrides])
         GlobalHydra.instance().clear()  # as in a fresh process
         root, handlers, level = logging.getLogger(), logging.getLogger().handlers[:], \
@@ -210,6 +211,14 @@ def test_bad_setting_is_refused_before_training(cli, tmp_path, args, expected):
     code, err = cli(*args)
     assert_one_readable_error(code, err, expected)
     assert_no_complete_run(tmp_path)
+
+
+def test_a_sweep_over_a_missing_data_folder_is_refused_before_its_sweep_dir(cli, tmp_path):
+    # Each job would refuse it, but only after Hydra made the sweep dir and its job dirs.
+    code, err = cli("data=image_folder", "data.root=/no/such/folder", "loss=ce,focal",
+                    multirun=True)
+    assert_one_readable_error(code, err, "data.root does not exist")
+    assert not (tmp_path / "logs").exists()
 
 
 @pytest.mark.parametrize(
@@ -435,3 +444,14 @@ def test_valid_settings_near_the_refused_ones_pass(tmp_path, args):
 
     cfg, choices = compose_config("train", ["debug=smoke", *args], tmp_path / "run")
     check_train_config(cfg, choices)  # 2 (or 4) CPU processes over gloo are legitimate
+
+
+def test_a_sweep_that_varies_the_data_is_left_to_its_jobs():
+    from omegaconf import OmegaConf
+
+    from tailtune.cli.config import _swept_keys
+
+    config = OmegaConf.create({"hydra": {
+        "overrides": {"task": ["data.root=/a,/b", "data=image_folder", "seed=1,2", "loss=ce"]},
+        "sweeper": {"params": {"model.lr": "interval(1e-4, 1e-2)"}}}})
+    assert _swept_keys(config) == {"data.root", "seed", "model.lr"}

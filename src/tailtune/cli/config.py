@@ -284,14 +284,23 @@ class EarlyChecks(Callback):
     dir, so bad input leaves no run dir behind (and an unwritable dir is not Hydra's stack
     trace). A sweep's jobs are checked again in the task, with their own overrides."""
 
-    def _check(self, config: DictConfig, cross_keys: bool = True) -> None:
+    def _check(self, config: DictConfig, sweep: bool = False) -> None:
         _release_hydra_errors()  # composed: sweep workers must not inherit HYDRA_FULL_ERROR
         if os.environ.get("TAILTUNE_DEBUG") == "1":
             return
         hydra_node = config.get("hydra") or {}
         choices = dict((hydra_node.get("runtime") or {}).get("choices") or {})
         try:
-            check_config(config, choices, cross_keys=cross_keys)
+            check_config(config, choices, cross_keys=not sweep)
+            # Of the cross-key checks, a sweep's base config answers the data location for
+            # every job, unless the sweep varies it: a missing folder is refused here, before
+            # Hydra creates the sweep dir.
+            train = str(config.get("task_name") or "train") == "train"
+            if sweep and train and not any(key == "data" or key.startswith("data.")
+                                           for key in _swept_keys(config)):
+                problems = _data_location_problems(config.get("data") or {})
+                if problems:
+                    raise ConfigError("; ".join(problems))
         except ConfigError as err:
             print(f"tailtune: error: {err}", file=sys.stderr)
             sys.exit(2)
@@ -300,7 +309,20 @@ class EarlyChecks(Callback):
         self._check(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config, cross_keys=False)
+        self._check(config, sweep=True)
+
+
+def _swept_keys(config: DictConfig) -> set[str]:
+    """The keys a multirun varies: sweep overrides on the command line (``data.root=a,b``,
+    ``data=x,y``) and a sweeper's search space (``hydra.sweeper.params``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hydra_node = config.get("hydra") or {}
+    overrides = OverridesParser.create().parse_overrides(
+        list((hydra_node.get("overrides") or {}).get("task") or []))
+    params = (hydra_node.get("sweeper") or {}).get("params") or {}
+    return ({o.key_or_group for o in overrides if o.is_sweep_override()}
+            | {str(key) for key in params})
 
 
 def _root_cause(err: BaseException) -> BaseException:
