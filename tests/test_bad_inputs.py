@@ -455,3 +455,32 @@ def test_a_sweep_that_varies_the_data_is_left_to_its_jobs():
         "overrides": {"task": ["data.root=/a,/b", "data=image_folder", "seed=1,2", "loss=ce"]},
         "sweeper": {"params": {"model.lr": "interval(1e-4, 1e-2)"}}}})
     assert _swept_keys(config) == {"data.root", "seed", "model.lr"}
+
+
+def test_a_run_dir_in_use_by_another_process_is_refused(cli, tmp_path):
+    import os
+
+    from tailtune.run_record import RunDirLock
+
+    run_dir = tmp_path / "run"
+    lock = RunDirLock(run_dir)  # as a live process resuming this run would hold it
+    lock.acquire()
+    try:
+        code, err = cli(f"hydra.run.dir={run_dir}", "resume=auto")
+    finally:
+        lock.release()
+    assert_one_readable_error(code, err, f"is in use by another process (pid {os.getpid()})")
+    assert not (run_dir / "status.json").exists()  # the holder's state is left alone
+
+
+@pytest.mark.parametrize("end", ["finish", "fail"])
+def test_a_run_dir_is_free_again_once_its_run_ends(tmp_path, end):
+    from tailtune.run_record import RunDirBusy, RunDirLock, RunRecord
+
+    record = RunRecord(tmp_path / "run")
+    record.start()
+    with pytest.raises(RunDirBusy):
+        RunRecord(tmp_path / "run").start()
+    record.finish({}) if end == "finish" else record.fail(ValueError("x"))
+    assert not (tmp_path / "run" / RunDirLock.NAME).exists()
+    RunDirLock(tmp_path / "run").acquire()  # free: no error

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
 import json
 import os
@@ -83,14 +84,58 @@ def selection_value(metrics: dict[str, Any], name: str) -> float:
     return float(values.get(f"{key}_out_of_fold", values.get(key, float("nan"))))
 
 
+class RunDirBusy(OSError):
+    """Another live process holds the run dir."""
+
+
+class RunDirLock:
+    """An exclusive lock on a run dir, held from start to finish: two processes resuming one
+    run (a rerun while a SLURM requeue still runs, a sweep launched twice) would interleave
+    their checkpoints and results. ``flock`` dies with its process, so a killed run leaves no
+    stale lock; on a file system without locks the run goes on unguarded."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / self.NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirBusy(f"{self.path.parent} is in use by another process (pid "
+                             f"{holder}); wait for it to end, or stop it, then resume=auto "
+                             "resumes the run") from None
+        except OSError:  # no locks on this file system
+            os.close(fd)
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # while held: no second holder of an unlinked file
+        os.close(self.fd)
+        self.fd = None
+
+
 class RunRecord:
-    """Status, provenance, metrics and timings of one run dir. Only rank zero writes."""
+    """Status, provenance, metrics and timings of one run dir. Only rank zero writes, and
+    holds the dir's :class:`RunDirLock` from :meth:`start` to :meth:`finish` or :meth:`fail`."""
 
     def __init__(self, run_dir: Path, rank_zero: bool = True) -> None:
         self.run_dir = Path(run_dir)
         self.rank_zero = rank_zero
         self.started = time.time()
         self.resumed_from: str | None = None  # set when this process resumed a checkpoint
+        self.lock = RunDirLock(self.run_dir)
 
     @property
     def metrics_path(self) -> Path:
@@ -99,7 +144,10 @@ class RunRecord:
     def start(self, extra: dict[str, Any] | None = None) -> None:
         if not self.rank_zero:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        if finished_metrics(self.run_dir) is not None:  # finished while this one waited
+            self.lock.release()
+            raise FileExistsError(f"{self.run_dir} already holds a finished run")
         self.set_status("running")
         write_json(self.run_dir / "run.json", {
             "git": git_state(), "packages": package_versions(), "argv": sys.argv,
@@ -125,6 +173,7 @@ class RunRecord:
         message = str(err).strip()[-300:] or (
             "stopped by SIGTERM" if type(err).__name__ == "SIGTERMException" else "")
         self.set_status("failed", f"{type(err).__name__}: {message}".rstrip(": "))
+        self.lock.release()
 
     def finish(self, metrics: dict[str, Any]) -> None:
         if not self.rank_zero:
@@ -134,3 +183,4 @@ class RunRecord:
         write_json(self.run_dir / "timings.json", {"wall_s": wall_s} if not self.resumed_from
                    else {"wall_s_since_resume": wall_s, "resumed_from": self.resumed_from})
         self.set_status("done")
+        self.lock.release()

@@ -39,8 +39,8 @@ def evaluate(cfg: DictConfig) -> dict:
     refuse_finished_run(run_dir)
     record = RunRecord(run_dir)
     record.start({"entry": "eval", "ckpt_path": str(cfg.ckpt_path)})
-    save_hydra_files(cfg, run_dir)
     try:
+        save_hydra_files(cfg, run_dir)
         datamodule = data.build_datamodule(run_cfg)
         checkpoints.check_same_split(checkpoints.dataset_info(checkpoint), datamodule.info)
         model = models.model_from_checkpoint(checkpoint)
@@ -79,8 +79,8 @@ def evaluate_ensemble(cfg: DictConfig) -> dict:
     record = RunRecord(run_dir)
     record.start({"entry": "eval_ensemble",
                   "checkpoints": [str(c) for c in cfg.model.get("checkpoints") or []]})
-    save_hydra_files(cfg, run_dir)
     try:
+        save_hydra_files(cfg, run_dir)
         results = ensemble.assemble_from_checkpoints(cfg, run_dir)
         record.finish(results)
     except BaseException as err:

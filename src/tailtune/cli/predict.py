@@ -49,8 +49,8 @@ def predict(cfg: DictConfig) -> dict:
     output = Path(cfg.output).expanduser() if cfg.get("output") else run_dir / "predictions.csv"
     record = RunRecord(run_dir)
     record.start({"entry": "predict", "ckpt_path": str(cfg.ckpt_path), "input": str(cfg.input)})
-    save_hydra_files(cfg, run_dir)
     try:
+        save_hydra_files(cfg, run_dir)
         model = model_from_checkpoint(checkpoint).to(choose_device(cfg.device)).eval()
         resize = checkpoint["tailtune"]["config"].get("data", {}).get("resize", "squash")
         dataset = ImageFiles(files, model.info.image_size, resize)

@@ -52,9 +52,9 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
 
     record = RunRecord(run_dir, rank_zero=trainer.is_rank_zero())
     record.start({"entry": "train", "choices": choices or {}, "overrides": overrides or []})
-    if record.rank_zero:
-        save_hydra_files(cfg, run_dir)
     try:
+        if record.rank_zero:
+            save_hydra_files(cfg, run_dir)
         trainer.reset_process_state(cfg)  # joblib reuses worker processes between jobs
         record.save_config(config_yaml(cfg))
         if record.rank_zero:  # once, not once per DDP rank
