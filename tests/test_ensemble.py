@@ -291,6 +291,9 @@ def test_members_at_different_resolutions_take_one_raw_batch(smoke_cfg):
     (["model.bagging=under", "model.training=joint"], "one after another"),
     (["model.training=joint", "model.member_models.linear_probe.posthoc=temperature"],
      "tuned only when members train one after another"),
+    # The combiner would be fitted on the val split the members' own steps were tuned on.
+    (["combiner=weighted", "model.member_models.linear_probe.posthoc=temperature"],
+     "weighs in-sample scores"),
 ])
 def test_bad_ensemble_configs_are_clear_value_errors(smoke_cfg, overrides, expected):
     cfg, choices = smoke_cfg("model=ensemble", *SMALL, *overrides)

@@ -172,6 +172,20 @@ def check_ensemble(node: DictConfig, images: ImbalancedDataModule, combiner: Com
                           "the ensemble (model.posthoc)")
 
 
+def members_tuned_on_val(combiner: Combiner, steps: dict[str, Sequence[str]]) -> str | None:
+    """Why a combiner fitted on validation must not combine members whose own post-hoc
+    steps (``steps``: name -> steps) were tuned there, or None: it would weigh them by
+    in-sample scores, and the ensemble's val score would be optimistic."""
+    tuned = {name: s for name, s in steps.items() if s}
+    if not combiner.needs_validation or not tuned:
+        return None
+    listed = "; ".join(f"{name}: {', '.join(s)}" for name, s in tuned.items())
+    return (f"combiner {combiner.name} is fitted on the validation split that members' own "
+            f"post-hoc steps were tuned on ({listed}), so it weighs in-sample scores; tune "
+            "them on the ensemble instead (model.posthoc=...), or use "
+            "combiner=mean_prob|mean_logit|majority")
+
+
 # -- assessment -------------------------------------------------------------------------------
 def assess(ensemble: EnsembleModule, images: ImbalancedDataModule, trainer: L.Trainer,
            extra_members: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -237,6 +251,10 @@ def fit_ensemble(cfg: DictConfig, run_dir: Path, choices: dict[str, str],
     L.seed_everything(int(cfg.seed), workers=True)
     specs = member_configs(cfg)
     combiner = build_combiner(cfg)
+    problem = members_tuned_on_val(combiner, {
+        name: ClassifierModule._posthoc_steps(mcfg.model.get("posthoc")) for name, mcfg in specs})
+    if problem:  # before any member trains
+        raise ValueError(problem)
     images = build_datamodule(cfg)
     check_ensemble(cfg.model, images, combiner)
     if is_rank_zero():
@@ -436,6 +454,10 @@ def assemble_from_checkpoints(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         member = ckpt["tailtune"]["config"].get("ensemble_member") or {}
         name = member.get("name") or f"{i}-{Path(paths[i]).parent.parent.name}"
         names.append(name if name not in names else f"{name}-{i}")
+    problem = members_tuned_on_val(combiner, {
+        name: m.posthoc_steps for name, m in zip(names, members, strict=True)})
+    if problem:  # the runs are done: say what their ensemble's val score means
+        log.warning("%s; its test score is unaffected, its val score is optimistic", problem)
     ensemble = make_ensemble(node, members, names, images.info,
                              checkpoint_loss(run_cfg, images.info), combiner)
     loggers = build_loggers(cfg)
