@@ -446,6 +446,35 @@ def test_valid_settings_near_the_refused_ones_pass(tmp_path, args):
     check_train_config(cfg, choices)  # 2 (or 4) CPU processes over gloo are legitimate
 
 
+@pytest.mark.parametrize(("launcher", "swept", "refused"), [
+    ("basic", "loss=ce,focal", True),
+    ("joblib", "loss=ce,focal", True),
+    # Compute nodes may mount what the submitting host does not: each job checks its own.
+    ("submitit_slurm", "loss=ce,focal", False),
+    # Swept options that may set the data location themselves.
+    ("basic", "experiment=quick,lt_recipe", False),
+    ("basic", "paths.data_dir=/a,/b", False),
+])
+def test_which_sweeps_refuse_a_missing_data_folder_before_starting(launcher, swept, refused):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from helpers import CONFIG_DIR
+    from tailtune.cli.config import EarlyChecks
+
+    overrides = ["debug=smoke", f"launcher={launcher}", "data=image_folder",
+                 "data.root=/no/such/folder"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        config = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(config):
+        config.hydra.overrides.task = [*overrides, swept]
+    if refused:
+        with pytest.raises(SystemExit):
+            EarlyChecks().on_multirun_start(config)
+    else:
+        EarlyChecks().on_multirun_start(config)
+
+
 def test_a_sweep_that_varies_the_data_is_left_to_its_jobs():
     from omegaconf import OmegaConf
 
@@ -469,7 +498,7 @@ def test_a_run_dir_in_use_by_another_process_is_refused(cli, tmp_path):
         code, err = cli(f"hydra.run.dir={run_dir}", "resume=auto")
     finally:
         lock.release()
-    assert_one_readable_error(code, err, f"is in use by another process (pid {os.getpid()})")
+    assert_one_readable_error(code, err, f"is in use by another process (pid {os.getpid()} on")
     assert not (run_dir / "status.json").exists()  # the holder's state is left alone
 
 
@@ -482,5 +511,7 @@ def test_a_run_dir_is_free_again_once_its_run_ends(tmp_path, end):
     with pytest.raises(RunDirBusy):
         RunRecord(tmp_path / "run").start()
     record.finish({}) if end == "finish" else record.fail(ValueError("x"))
-    assert not (tmp_path / "run" / RunDirLock.NAME).exists()
-    RunDirLock(tmp_path / "run").acquire()  # free: no error
+    # The file stays (deleting it would let two processes lock two inodes of one path),
+    # naming no holder, and is free.
+    assert (tmp_path / "run" / RunDirLock.NAME).read_text() == ""
+    RunDirLock(tmp_path / "run").acquire()

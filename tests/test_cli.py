@@ -160,6 +160,13 @@ def test_ddp_sim_two_processes_end_with_identical_weights_and_one_run_dir(tmp_pa
     assert sum(metrics["dataset"]["class_counts"]) > 0 and len(full[0]) > 0
     ddp = metrics["test"]
     assert ddp["bal_acc"] == pytest.approx(single["test"]["bal_acc"], abs=1e-6)
+    # tailtune-eval under DDP: rank one re-runs the command; only rank zero holds the run dir.
+    result = run_cli("tailtune-eval", f"ckpt_path={metrics['best_checkpoint']}", "debug=smoke",
+                     "trainer=ddp_sim", "trainer.limit_test_batches=null",
+                     f"hydra.run.dir={tmp_path / 'ev_ddp'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp_eval = json.loads((tmp_path / "ev_ddp" / "metrics.json").read_text())["test"]
+    assert ddp_eval["bal_acc"] == pytest.approx(single["test"]["bal_acc"], abs=1e-6)
 
 
 def _read(path: Path) -> list[int]:

@@ -15,6 +15,7 @@ import fcntl
 import importlib.metadata
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -92,7 +93,8 @@ class RunDirLock:
     """An exclusive lock on a run dir, held from start to finish: two processes resuming one
     run (a rerun while a SLURM requeue still runs, a sweep launched twice) would interleave
     their checkpoints and results. ``flock`` dies with its process, so a killed run leaves no
-    stale lock; on a file system without locks the run goes on unguarded."""
+    stale lock; on a file system without locks the run goes on unguarded. The file stays
+    (deleting it would let two processes lock two inodes of one path); it names its holder."""
 
     NAME = ".lock"
 
@@ -106,24 +108,28 @@ class RunDirLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise RunDirBusy(f"{self.path.parent} is in use by another process (pid "
-                             f"{holder}); wait for it to end, or stop it, then resume=auto "
-                             "resumes the run") from None
+            raise RunDirBusy(
+                f"{self.path.parent} is in use by another process ({holder}); wait for it to "
+                "end or stop it, then run again. If no such process is alive (its node "
+                f"crashed and a network file system kept its lock), delete {self.path}"
+            ) from None
         except OSError:  # no locks on this file system
             os.close(fd)
             return
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         self.fd = fd
 
     def release(self) -> None:
         if self.fd is None:
             return
-        self.path.unlink(missing_ok=True)  # while held: no second holder of an unlinked file
-        os.close(self.fd)
-        self.fd = None
+        try:
+            os.ftruncate(self.fd, 0)  # no holder named
+        finally:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
 
 
 class RunRecord:
@@ -145,15 +151,18 @@ class RunRecord:
         if not self.rank_zero:
             return
         self.lock.acquire()
-        if finished_metrics(self.run_dir) is not None:  # finished while this one waited
+        try:
+            if finished_metrics(self.run_dir) is not None:  # finished while this one waited
+                raise FileExistsError(f"{self.run_dir} already holds a finished run")
+            self.set_status("running")
+            write_json(self.run_dir / "run.json", {
+                "git": git_state(), "packages": package_versions(), "argv": sys.argv,
+                "pid": os.getpid(),
+                "python": sys.version.split()[0], **(extra or {}),
+            })
+        except BaseException:
             self.lock.release()
-            raise FileExistsError(f"{self.run_dir} already holds a finished run")
-        self.set_status("running")
-        write_json(self.run_dir / "run.json", {
-            "git": git_state(), "packages": package_versions(), "argv": sys.argv,
-            "pid": os.getpid(),
-            "python": sys.version.split()[0], **(extra or {}),
-        })
+            raise
 
     def save_config(self, text: str) -> None:
         """The resolved config, at the top of the run dir (Hydra's copy is unresolved)."""
@@ -172,15 +181,19 @@ class RunRecord:
         """Mark the run failed with the error's type and the end of its message."""
         message = str(err).strip()[-300:] or (
             "stopped by SIGTERM" if type(err).__name__ == "SIGTERMException" else "")
-        self.set_status("failed", f"{type(err).__name__}: {message}".rstrip(": "))
-        self.lock.release()
+        try:
+            self.set_status("failed", f"{type(err).__name__}: {message}".rstrip(": "))
+        finally:
+            self.lock.release()
 
     def finish(self, metrics: dict[str, Any]) -> None:
         if not self.rank_zero:
             return
-        write_json(self.metrics_path, metrics)
-        wall_s = round(time.time() - self.started, 2)
-        write_json(self.run_dir / "timings.json", {"wall_s": wall_s} if not self.resumed_from
-                   else {"wall_s_since_resume": wall_s, "resumed_from": self.resumed_from})
-        self.set_status("done")
-        self.lock.release()
+        try:
+            write_json(self.metrics_path, metrics)
+            wall_s = round(time.time() - self.started, 2)
+            write_json(self.run_dir / "timings.json", {"wall_s": wall_s} if not self.resumed_from
+                       else {"wall_s_since_resume": wall_s, "resumed_from": self.resumed_from})
+            self.set_status("done")
+        finally:
+            self.lock.release()

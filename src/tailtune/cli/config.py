@@ -293,11 +293,13 @@ class EarlyChecks(Callback):
         try:
             check_config(config, choices, cross_keys=not sweep)
             # Of the cross-key checks, a sweep's base config answers the data location for
-            # every job, unless the sweep varies it: a missing folder is refused here, before
-            # Hydra creates the sweep dir.
-            train = str(config.get("task_name") or "train") == "train"
-            if sweep and train and not any(key == "data" or key.startswith("data.")
-                                           for key in _swept_keys(config)):
+            # every job, unless the sweep varies it or runs its jobs on other hosts (a path
+            # that only SLURM's compute nodes mount): a missing folder is refused here,
+            # before Hydra creates the sweep dir.
+            if sweep and str(config.get("task_name") or "train") == "train" \
+                    and choices.get("hydra/launcher", "basic") in LOCAL_LAUNCHERS \
+                    and not any(key.split(".")[0] in MAY_MOVE_DATA
+                                for key in _swept_keys(config)):
                 problems = _data_location_problems(config.get("data") or {})
                 if problems:
                     raise ConfigError("; ".join(problems))
@@ -310,6 +312,12 @@ class EarlyChecks(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config, sweep=True)
+
+
+LOCAL_LAUNCHERS = ("basic", "joblib", "submitit_local")
+# Swept keys that may change data.root or data.manifest: the data itself, the paths it
+# interpolates, and groups whose options set data keys.
+MAY_MOVE_DATA = ("data", "paths", "experiment", "debug")
 
 
 def _swept_keys(config: DictConfig) -> set[str]:

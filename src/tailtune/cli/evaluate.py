@@ -37,10 +37,11 @@ def evaluate(cfg: DictConfig) -> dict:
     run_cfg.data = eval_data_config(run_cfg.data, cfg.get("data"))
     run_dir = Path(cfg.paths.output_dir)
     refuse_finished_run(run_dir)
-    record = RunRecord(run_dir)
+    record = RunRecord(run_dir, rank_zero=trainer.is_rank_zero())  # DDP: rank zero writes
     record.start({"entry": "eval", "ckpt_path": str(cfg.ckpt_path)})
     try:
-        save_hydra_files(cfg, run_dir)
+        if record.rank_zero:
+            save_hydra_files(cfg, run_dir)
         datamodule = data.build_datamodule(run_cfg)
         checkpoints.check_same_split(checkpoints.dataset_info(checkpoint), datamodule.info)
         model = models.model_from_checkpoint(checkpoint)
@@ -66,7 +67,7 @@ def evaluate_ensemble(cfg: DictConfig) -> dict:
     """Assemble an ensemble from trained runs' checkpoints (no retraining): fit the combiner
     on validation, report test; writes metrics.json and the ensemble's own checkpoint."""
     from tailtune import console
-    from tailtune.build import ensemble
+    from tailtune.build import ensemble, trainer
     from tailtune.build.config import model_class
     from tailtune.build.results import withdraw_best_checkpoint
     from tailtune.run_record import RunRecord, refuse_finished_run
@@ -76,15 +77,17 @@ def evaluate_ensemble(cfg: DictConfig) -> dict:
                          "evaluate a single model with ckpt_path=PATH")
     run_dir = Path(cfg.paths.output_dir)
     refuse_finished_run(run_dir)
-    record = RunRecord(run_dir)
+    record = RunRecord(run_dir, rank_zero=trainer.is_rank_zero())  # DDP: rank zero writes
     record.start({"entry": "eval_ensemble",
                   "checkpoints": [str(c) for c in cfg.model.get("checkpoints") or []]})
     try:
-        save_hydra_files(cfg, run_dir)
+        if record.rank_zero:
+            save_hydra_files(cfg, run_dir)
         results = ensemble.assemble_from_checkpoints(cfg, run_dir)
         record.finish(results)
     except BaseException as err:
-        withdraw_best_checkpoint(run_dir)
+        if record.rank_zero:
+            withdraw_best_checkpoint(run_dir)
         record.fail(err)
         console.print_failure(run_dir, err)
         raise
