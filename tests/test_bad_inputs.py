@@ -267,10 +267,11 @@ def test_cache_dir_without_write_permission_is_refused(cli, tmp_path):
     assert_one_readable_error(code, err, "no permission to write")
 
 
-def test_nan_loss_stops_the_run_naming_epoch_and_batch(cli, tmp_path):
+def test_nan_loss_stops_the_run_naming_epoch_and_batch(cli, tmp_path, monkeypatch):
     # NaN images in epoch 1, batch 1 (tests/helpers/probes.py): epoch 0 already wrote checkpoints.
-    code, err = cli("+callbacks.nan._target_=helpers.probes.InjectNaN", "+callbacks.nan.epoch=1",
-                    "+callbacks.nan.batch=1")
+    fault = ["+callbacks.nan._target_=helpers.probes.InjectNaN", "+callbacks.nan.epoch=1",
+             "+callbacks.nan.batch=1"]
+    code, err = cli(*fault)
     assert_one_readable_error(code, err, "loss is nan at epoch 1, batch 1")
     assert_no_complete_run(tmp_path)
     (run_dir,) = (tmp_path / "logs" / "runs").iterdir()
@@ -279,7 +280,8 @@ def test_nan_loss_stops_the_run_naming_epoch_and_batch(cli, tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()  # resumable, but not "best"
 
     # Resumed without the fault, it finishes, and only then holds best.ckpt.
-    cfg, choices = compose_config("train", ["debug=smoke", "resume=auto"], run_dir)
+    monkeypatch.setenv("TAILTUNE_PROBES_OFF", "1")
+    cfg, choices = compose_config("train", ["debug=smoke", *fault, "resume=auto"], run_dir)
     train_cli.train(cfg, choices)
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
     assert not (run_dir / "checkpoints" / "best_so_far.ckpt").exists()
@@ -515,3 +517,37 @@ def test_a_run_dir_is_free_again_once_its_run_ends(tmp_path, end):
     # naming no holder, and is free.
     assert (tmp_path / "run" / RunDirLock.NAME).read_text() == ""
     RunDirLock(tmp_path / "run").acquire()
+
+
+def test_resuming_a_killed_run_with_other_overrides_is_refused_naming_its_own(cli, tmp_path):
+    """`hydra.run.dir=<dir> resume=auto` alone composed the default config and finished the
+    run under it, rewriting its config.yaml; a run dir holds one config."""
+    from tailtune.build.config import config_yaml
+
+    run_dir = tmp_path / "killed"
+    started = ["debug=smoke", "trainer.max_epochs=3", f"paths.log_dir={tmp_path / 'logs'}"]
+    cfg, _ = compose_config("train", started, run_dir)
+    (run_dir / ".hydra").mkdir(parents=True)  # what the killed run had written
+    (run_dir / "config.yaml").write_text(config_yaml(cfg))
+    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in started))
+    code, err = cli(f"hydra.run.dir={run_dir}", "resume=auto", "threads=1")
+    assert_one_readable_error(code, err, "holds an unfinished run of another config "
+                                         "(trainer.max_epochs: 3 -> ")
+    # The command that resumes it: its own overrides, not those of how it ran (paths).
+    assert (f"tailtune-train debug=smoke trainer.max_epochs=3 hydra.run.dir={run_dir} "
+            "resume=auto") in err
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "config.yaml"]
+
+
+def test_config_changes_ignore_how_a_run_runs_and_its_own_dir(tmp_path):
+    from tailtune.run_record import config_changes
+
+    (tmp_path / "config.yaml").write_text(
+        "seed: 1\nthreads: 2\nresume: null\nckpt_path: null\npaths: {output_dir: /a/run}\n"
+        "trainer: {max_epochs: 3, default_root_dir: /a/run}\nmodel: {lr: 0.001}\n")
+    same = ("seed: 1\nthreads: 1\nresume: auto\nckpt_path: auto\npaths: {output_dir: run}\n"
+            "trainer: {max_epochs: 3, default_root_dir: run}\nmodel: {lr: 0.001}\n")
+    assert config_changes(tmp_path, same) == []
+    other = same.replace("seed: 1", "seed: 2").replace("lr: 0.001", "lr: 0.01")
+    assert config_changes(tmp_path, other) == ["model.lr: 0.001 -> 0.01", "seed: 1 -> 2"]
+    assert config_changes(tmp_path / "none", other) == []  # no run there yet

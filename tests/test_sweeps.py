@@ -173,7 +173,7 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_an_uninterrupted_run(tmp_pat
     proc.wait(60)
     assert not (killed_dir / "metrics.json").exists()
 
-    resumed = _start(killed_dir, "resume=auto")
+    resumed = _start(killed_dir, *slow, "resume=auto", env={"TAILTUNE_PROBES_OFF": "1"})
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output[-3000:]
     # The console drops Lightning's checkpoint-reload lines; the run's train.log keeps them.
@@ -189,14 +189,15 @@ def test_sigkill_mid_epoch_then_resume_auto_matches_an_uninterrupted_run(tmp_pat
 
 def test_sigterm_saves_a_checkpoint_and_the_restart_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _start(run_dir, "+callbacks.slow._target_=helpers.probes.SlowDown")
+    slow = "+callbacks.slow._target_=helpers.probes.SlowDown"
+    proc = _start(run_dir, slow)
     _wait_for_epoch(run_dir / "checkpoints" / "last.ckpt", 0, proc)
     proc.send_signal(signal.SIGTERM)
     proc.wait(120)
     assert proc.returncode != 0
     assert (run_dir / "checkpoints" / "interrupted.ckpt").is_file()
     assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
-    restart = _start(run_dir, "resume=auto")
+    restart = _start(run_dir, slow, "resume=auto", env={"TAILTUNE_PROBES_OFF": "1"})
     output = restart.communicate(timeout=600)[0]
     assert restart.returncode == 0, output[-3000:]
     assert "interrupted.ckpt" in output
@@ -219,7 +220,8 @@ def test_requeue_signal_checkpoints_requeues_and_the_requeued_job_resumes(tmp_pa
     assert calls.read_text().split() == ["requeue", "4242"]
     assert (run_dir / "checkpoints" / "interrupted.ckpt").is_file()
     # SLURM restarts the same command in the same dir, with SLURM_RESTART_COUNT set.
-    requeued = _start(run_dir, env={**env, "SLURM_RESTART_COUNT": "1"})
+    requeued = _start(run_dir, "+callbacks.slow._target_=helpers.probes.SlowDown",
+                      env={**env, "SLURM_RESTART_COUNT": "1", "TAILTUNE_PROBES_OFF": "1"})
     output = requeued.communicate(timeout=600)[0]
     assert requeued.returncode == 0, output[-3000:]
     assert "interrupted.ckpt" in output and _metrics(run_dir)["epochs_trained"] == 4

@@ -76,6 +76,79 @@ def refuse_finished_run(run_dir: Path) -> None:
                               "hydra.run.dir")
 
 
+def config_changes(run_dir: Path, config_text: str) -> list[str]:
+    """How ``config_text`` (the resolved config as ``config.yaml`` holds it) differs in what
+    it computes from the one an unfinished run in ``run_dir`` stored: ``key: stored -> new``
+    lines, empty when they agree or no run stored one. Keys that say how a run is run
+    (``resume``, ``threads``, ``paths``, ...) and ``ckpt_path`` may differ, and so may those
+    paths inside other values (a resume from another working directory)."""
+    import yaml
+
+    from tailtune.report.runs import HOW_RUN
+
+    try:
+        stored = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    config = yaml.safe_load(config_text)  # parsed as the stored one is
+    if not isinstance(stored, dict) or not isinstance(config, dict):
+        return []
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(node, dict):
+            return {prefix: node}
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if not prefix and (key in HOW_RUN or key == "ckpt_path"):
+                continue
+            out.update(flat(value, f"{prefix}{key}."))
+        return out
+
+    def normalised(cfg: dict[str, Any]) -> dict[str, Any]:
+        """Flat, with the config's own ``paths.*`` values in other values (a checkpoint or
+        cache dir under the run dir or the log dir) named, not spelled out."""
+        paths = sorted(((str(v), f"<paths.{k}>") for k, v in (cfg.get("paths") or {}).items()
+                        if isinstance(v, str) and v), key=lambda p: -len(p[0]))
+        out = {}
+        for key, value in flat(cfg).items():
+            for path, name in paths if isinstance(value, str) else ():
+                value = value.replace(path, name)
+            out[key.rstrip(".")] = value
+        return out
+
+    old, new = normalised(stored), normalised(config)
+    unset = "(not set)"
+    changed = [key for key in old.keys() | new.keys() if old.get(key, unset) != new.get(key, unset)]
+    changed.sort(key=lambda k: (k not in old or k not in new, k))  # changed values first
+    return [f"{key}: {old.get(key, unset)} -> {new.get(key, unset)}" for key in changed]
+
+
+def refuse_other_config(run_dir: Path, config_text: str) -> None:
+    """A run dir holds one config: resuming a killed run with other overrides (or none)
+    would finish it under another config, and overwrite its record of the first."""
+    changes = config_changes(run_dir, config_text)
+    if not changes:
+        return
+    import shlex
+
+    import yaml
+
+    from tailtune.report.runs import says_how_to_run
+
+    try:
+        started = yaml.safe_load((Path(run_dir) / ".hydra" / "overrides.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        started = None
+    kept = [shlex.quote(str(o)) for o in started or [] if not says_how_to_run(str(o))]
+    shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4
+                                      else "")
+    raise ValueError(
+        f"{run_dir} holds an unfinished run of another config ({shown}). Resume it with the "
+        f"overrides it was started with: tailtune-train {' '.join([*kept, ''])}"
+        f"hydra.run.dir={shlex.quote(str(run_dir))} resume=auto; or start a new run in another "
+        f"dir from its weights (ckpt_path={run_dir}/checkpoints/last.ckpt)")
+
+
 def selection_value(metrics: dict[str, Any], name: str) -> float:
     """The value a run is chosen by: ``val/bal_acc`` -> ``metrics["val"]["bal_acc"]``, or its
     out-of-fold version where the run tuned post-hoc steps on val (``bal_acc_out_of_fold``):

@@ -36,8 +36,18 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
     check_train_config(cfg, choices)  # before torch is imported: bad input fails in a second
     from tailtune import console as output
     from tailtune.build import checkpoints, ensemble, models, results, trainer
-    from tailtune.build.config import config_tree, config_yaml, model_class, run_name
-    from tailtune.run_record import RunRecord, finished_metrics, selection_value
+    from tailtune.build.config import (
+        config_tree,
+        config_yaml,
+        model_class,
+        run_name,
+    )
+    from tailtune.run_record import (
+        RunRecord,
+        finished_metrics,
+        refuse_other_config,
+        selection_value,
+    )
 
     output.setup()
     console = output.CONSOLE
@@ -50,6 +60,7 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
         console.print(f"[yellow]skipping finished run[/] {run_dir}")
         return selection_value(done, cfg.optimized_metric)
 
+    refuse_other_config(run_dir, config_yaml(cfg))
     record = RunRecord(run_dir, rank_zero=trainer.is_rank_zero())
     record.start({"entry": "train", "choices": choices or {}, "overrides": overrides or []})
     try:
