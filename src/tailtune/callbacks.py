@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_warn
 
 
@@ -258,3 +258,23 @@ class PreemptionCheckpoint(L.Callback):
         # trains that epoch again, to the same result.
         if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and trainer.training:
             trainer.save_checkpoint(self.path, weights_only=False)
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar on stderr, on tailtune's console (so log lines print above
+    it), without ``v_num`` (the logger's version: a sweep's job name, shown cut off).
+
+    :func:`tailtune.build.trainer.build_trainer` adds one to any trainer whose config names no
+    progress bar: Lightning's default bar would draw on stdout, with the results."""
+
+    def __init__(self, *args: Any, console_kwargs: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
+        from tailtune.console import CONSOLE_SETTINGS
+
+        super().__init__(*args, console_kwargs={**CONSOLE_SETTINGS, **(console_kwargs or {})},
+                         **kwargs)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics

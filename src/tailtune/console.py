@@ -11,6 +11,7 @@
   real warnings stay.
 - **Progress.** :func:`track` draws a progress bar over an iterable, on a terminal and on rank
   zero only, for every step outside Lightning's loops that can take seconds.
+- **Sweeps.** :class:`SweepDir` prints a multirun's sweep dir once, at its start.
 - **Results.** :func:`results_table` / :func:`print_results`: the final val and test metrics
   and the run dir, on stdout (diagnostics stay on stderr, so ``> result.txt`` keeps results).
 
@@ -28,14 +29,21 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import rich
+from hydra.experimental.callback import Callback
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 T = TypeVar("T")
 
-# Diagnostics (logs, warnings, progress, the config tree, the data summary) go to stderr.
-CONSOLE = Console(stderr=True, highlight=False)
+# Diagnostics (logs, warnings, progress, the config tree, the data summary) go to stderr,
+# through rich's global console: Lightning's progress bars (tailtune.callbacks.ProgressBar)
+# and rich progress displays without a console of their own draw on it too, so a log line
+# printed during a bar appears above it.
+CONSOLE_SETTINGS: dict[str, Any] = {"stderr": True, "highlight": False}
+rich.reconfigure(**CONSOLE_SETTINGS)
+CONSOLE: Console = rich.get_console()
 
 # Library lines that carry nothing for the user (matched against the message).
 NOISE = tuple(re.compile(pattern) for pattern in (
@@ -90,16 +98,22 @@ class ConsoleFormatter(logging.Formatter):
         return text
 
 
+# The warnings already printed by this process: a sweep's jobs in one process (the basic
+# launcher) each get a new handler from Hydra, and a warning every job raises prints once.
+_SHOWN: set[str] = set()
+
+
 class ConsoleHandler(logging.Handler):
     """Prints records through :data:`CONSOLE` (so they appear above a live progress bar):
-    INFO on rank zero only, each distinct warning once per process."""
+    INFO on rank zero only, each distinct warning once per process (the run's log file keeps
+    every one)."""
 
     STYLES = {logging.WARNING: "yellow", logging.ERROR: "bold red"}
 
     def __init__(self, level: int = logging.NOTSET) -> None:
         super().__init__(level)
         self.setFormatter(ConsoleFormatter())
-        self._shown: set[str] = set()
+        self._shown = _SHOWN
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -204,6 +218,24 @@ def track(iterable: Iterable[T], description: str, total: int | None = None) -> 
         for item in iterable:
             yield item
             progress.advance(task)
+
+
+# -- sweeps --------------------------------------------------------------------------------
+class SweepDir(Callback):
+    """Hydra callback (``configs/hydra/default.yaml``): a multirun prints its sweep dir once, on
+    stderr, at the start. Hydra's basic launcher names only each job's dir; the joblib and
+    submitit launchers print the sweep dir themselves, so it is not printed twice there."""
+
+    PRINTED_BY_LAUNCHER = ("hydra_joblib_launcher", "hydra_submitit_launcher")
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        hydra_node = config.hydra
+        launcher = str((hydra_node.get("launcher") or {}).get("_target_") or "")
+        if rank() != 0 or any(name in launcher for name in self.PRINTED_BY_LAUNCHER):
+            return
+        # Resolved here first: Hydra caches ${now:...}, so the launcher gets the same dir.
+        sweep_dir = Path(str(hydra_node.sweep.dir)).absolute()
+        CONSOLE.print(f"sweep dir: {sweep_dir}", soft_wrap=True, markup=False)
 
 
 # -- results -------------------------------------------------------------------------------

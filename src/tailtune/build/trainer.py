@@ -15,7 +15,13 @@ from omegaconf import DictConfig
 
 from tailtune.allocator import keep_freed_memory
 from tailtune.build.config import option_exists, plain_config
-from tailtune.callbacks import CheckpointConfig, EpochReseed, PreemptionCheckpoint, SamplerEpoch
+from tailtune.callbacks import (
+    CheckpointConfig,
+    EpochReseed,
+    PreemptionCheckpoint,
+    SamplerEpoch,
+)
+from tailtune.callbacks import ProgressBar as TailtuneProgressBar
 
 # The final metrics every run reports to the loggers as hp/<metric> (TensorBoard's HParams).
 HP_METRICS = ("val/bal_acc", "test/bal_acc", "test/macro_f1", "test/acc")
@@ -54,9 +60,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[L.Callba
     ``trainer.limit_val_batches``/``limit_test_batches`` say (an ensemble's combiner is
     fitted on the whole validation split)."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks.extend(extra_callbacks)
     if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar it can't show
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    callbacks.extend(extra_callbacks)
+    elif not any(isinstance(c, ProgressBar) for c in callbacks):
+        # Lightning's default bar draws on stdout, which holds the results only (tailtune-eval,
+        # an ensemble's assessment, a config with callbacks.progress_bar=null).
+        callbacks.append(TailtuneProgressBar())
     whole = {"limit_val_batches": None, "limit_test_batches": None} if whole_splits else {}
     return instantiate(
         cfg.trainer, callbacks=callbacks,

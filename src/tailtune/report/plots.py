@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,13 @@ from tailtune.report.compare import SHOTS, ConfigSummary
 
 
 def _save(figure: Figure, path: Path) -> Path:
+    """Laid out tight; labels too long for that (a config's many overrides) widen the image
+    instead (``bbox_inches="tight"``), without matplotlib's "Tight layout not applied"."""
     FigureCanvasAgg(figure)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Tight layout not applied")
+        figure.tight_layout()
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     return path
 
 

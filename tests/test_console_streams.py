@@ -1,0 +1,111 @@
+"""Which stream gets what: progress bars on stderr for every entry point (stdout keeps the
+results only), a sweep's dir printed once, each warning once per process, no v_num on the
+bar, and no raw matplotlib warning from tailtune-compare's plots."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from helpers import compose_config, run_cli
+from tailtune import console
+from tailtune.callbacks import ProgressBar
+from tailtune.cli.evaluate import evaluate
+from tailtune.cli.train import train
+
+BAR = ("Testing", "Validation", "it/s")  # what a rich progress bar of Lightning's shows
+
+
+def test_eval_and_ensemble_eval_draw_their_progress_bars_on_stderr(smoke_cfg, tmp_path, capfd):
+    cfg, choices = smoke_cfg()
+    train(cfg, choices)
+    best = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
+    bars = ["trainer.enable_progress_bar=true"]  # debug=smoke turns them off
+    capfd.readouterr()
+    evaluate(compose_config("eval", [f"ckpt_path={best}", "debug=smoke", *bars],
+                            tmp_path / "ev")[0])
+    out, err = capfd.readouterr()
+    assert "Testing" in err  # the bar is drawn, on stderr
+    assert not [word for word in BAR if word in out], out
+    assert out.strip().splitlines()[-1] == f"run dir: {tmp_path / 'ev'}"
+
+    evaluate(compose_config("eval", ["model=ensemble", f"model.checkpoints=[{best},{best}]",
+                                     "debug=smoke", *bars], tmp_path / "ens")[0])
+    out, err = capfd.readouterr()
+    assert "Validation" in err and "Testing" in err
+    assert not [word for word in BAR if word in out], out
+    assert out.strip().splitlines()[-1] == f"run dir: {tmp_path / 'ens'}"
+
+
+def test_the_progress_bar_shows_no_logger_version(tmp_path):
+    """``experiment=quick``'s bar showed ``v_num: uick``: the TensorBoard version, cut off."""
+    logger = TensorBoardLogger(str(tmp_path), version="experiment=quick")
+    trainer = L.Trainer(logger=logger, callbacks=[ProgressBar()], default_root_dir=tmp_path)
+    model = L.LightningModule()
+    assert "v_num" in RichProgressBar().get_metrics(trainer, model)  # what Lightning shows
+    assert "v_num" not in trainer.progress_bar_callback.get_metrics(trainer, model)
+    assert trainer.progress_bar_callback._console_kwargs["stderr"] is True
+
+
+def test_a_trainer_without_a_configured_bar_gets_tailtunes(tmp_path):
+    from tailtune.build.trainer import build_trainer
+
+    cfg, _ = compose_config("eval", ["ckpt_path=x"], tmp_path / "ev")
+    assert "callbacks" not in cfg and cfg.trainer.enable_progress_bar
+    assert isinstance(build_trainer(cfg, tmp_path, loggers=[]).progress_bar_callback,
+                      ProgressBar)
+    cfg, _ = compose_config("eval", ["ckpt_path=x", "debug=smoke"], tmp_path / "ev")
+    assert build_trainer(cfg, tmp_path, loggers=[]).progress_bar_callback is None
+
+
+def test_a_warning_prints_once_per_process_across_a_sweeps_handlers(capsys):
+    """Hydra gives each job of a sweep a new handler; the warning still prints once."""
+    record = logging.LogRecord("py.warnings", logging.WARNING, __file__, 1,
+                               "PossibleUserWarning: a test warning %s", ("only once",), None)
+    for _ in range(3):  # three jobs in one process
+        handler = console.ConsoleHandler()
+        handler.handle(record)
+    err = capsys.readouterr().err
+    assert err.count("warning: PossibleUserWarning: a test warning only once") == 1
+
+
+def test_a_sweep_prints_its_dir_once_on_stderr(tmp_path):
+    # The first job fails its config check at once: the sweep starts, nothing trains.
+    result = run_cli("tailtune-train", "-m", "debug=smoke", "data.batch_size=0,-1",
+                     cwd=tmp_path)
+    assert result.returncode == 2
+    (sweep_dir,) = (tmp_path / "logs" / "multiruns").iterdir()
+    assert result.stderr.count("sweep dir:") == 1
+    assert f"sweep dir: {sweep_dir}\n" in result.stderr
+    assert "sweep dir" not in result.stdout
+    assert [p.parent for p in sweep_dir.iterdir() if p.is_dir()] == [sweep_dir]  # job 0's
+
+
+def test_a_joblib_sweep_names_its_dir_once_through_hydra(tmp_path):
+    result = run_cli("tailtune-train", "-m", "launcher=joblib", "debug=smoke",
+                     "data.batch_size=0,-1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("sweep output dir") == 1 and "sweep dir:" not in result.stderr
+
+
+def test_plots_of_long_config_names_raise_no_layout_warning(tmp_path):
+    from tailtune.report import plots
+    from tailtune.report.compare import ConfigSummary
+    from tailtune.report.runs import Run
+
+    run = Run(Path("r"), "done")
+    long = tuple(f"model.some_long_override_{i}=value_{i}_abcdefghij" for i in range(6))
+    summaries = [ConfigSummary(long, [run], mean={"bal_acc": 0.5, "few_acc": 0.3,
+                                                  "recall/0": 0.4}, ci=(0.4, 0.6)),
+                 ConfigSummary(("a=1",), [run], mean={"bal_acc": 0.6, "few_acc": 0.2,
+                                                      "recall/0": 0.7})]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for plot in (plots.balanced_accuracy_plot, plots.recall_heatmap, plots.shot_bars):
+            assert plot(summaries, tmp_path / f"{plot.__name__}.png").stat().st_size > 0
+    assert not [str(w.message) for w in caught], [str(w.message) for w in caught]
