@@ -24,7 +24,7 @@ from tailtune.data import images as images_module
 from tailtune.data.benchmarks import CifarSource, FashionMnistSource, read_idx
 from tailtune.data.datamodule import ImbalancedDataModule
 from tailtune.data.folders import CsvManifestSource, ImageFolderSource
-from tailtune.data.images import check_image, decode_image, scan_images
+from tailtune.data.images import NOT_IMAGE, check_image, decode_image, scan_images
 from tailtune.data.sources import ArraySource
 from tailtune.data.transforms import flip_crop, randaugment
 
@@ -339,15 +339,16 @@ def test_non_image_files_are_skipped_and_counted(tmp_path):
     write_digit_folder(tmp_path, {"train": {0: 6, 1: 6}, "test": {0: 3, 1: 3}})
     (tmp_path / "train" / "0" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (tmp_path / "train" / "1" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
-    (tmp_path / "train" / "1" / "banner.gif").write_text("<html>404 not found</html>")
+    (tmp_path / "train" / "1" / "notes.txt").write_text("scanned at 300 dpi")
+    (tmp_path / "train" / "1" / "labels.csv").write_bytes(b"")  # empty, not named an image
     (tmp_path / "test" / "README.txt").write_text("digits")
     dm = _folder_dm(tmp_path)
     assert sorted(dm.skipped["not an image"]) == [
-        "train/0/.DS_Store", "train/1/Thumbs.db", "train/1/banner.gif"]
+        "train/0/.DS_Store", "train/1/Thumbs.db", "train/1/labels.csv", "train/1/notes.txt"]
     assert dm.skipped["outside a class folder"] == ["test/README.txt"]
     assert sum(len(dm.split_indices[s]) for s in ("train", "val", "test")) == 18
     caption = str(dm.summary_table().caption)
-    assert "skipped 3 file(s): not an image" in caption
+    assert "skipped 4 file(s): not an image" in caption
 
 
 def test_broken_images_stop_the_run_at_setup_listing_every_one(tmp_path):
@@ -356,10 +357,15 @@ def test_broken_images_stop_the_run_at_setup_listing_every_one(tmp_path):
     _broken_png(tmp_path / "test" / "1" / "flipped.png")
     _broken_png(tmp_path / "test" / "0" / "header.png", b"IHDR")
     (tmp_path / "train" / "1" / "empty.jpg").write_bytes(b"")
+    # Named like an image but text (an error page saved as one): broken, not a stray file.
+    (tmp_path / "train" / "1" / "broken.png").write_text("not an image\n")
+    (tmp_path / "test" / "0" / "banner.gif").write_text("<html>404 not found</html>")
     with pytest.raises(ValueError) as err:
         _folder_dm(tmp_path)
     message = str(err.value)
-    assert "4 unreadable image(s)" in message and "data.on_bad_image=skip" in message
+    assert "6 unreadable image(s)" in message and "data.on_bad_image=skip" in message
+    assert "train/1/broken.png (not an image, despite its .png extension)" in message
+    assert "test/0/banner.gif (not an image, despite its .gif extension)" in message
     assert "train/0/cut.jpg (OSError" in message and "train/1/empty.jpg (empty file)" in message
     assert "test/1/flipped.png (SyntaxError: broken PNG file" in message
     assert "test/0/header.png (damaged image header)" in message and "\n" not in message
@@ -420,6 +426,14 @@ def test_the_file_check_is_cached_until_a_file_changes(tmp_path):
     _truncated_jpeg(files[1])  # replaced by a broken file: size and mtime change
     result = scan_images(files, cache, counting)
     assert checked[3:] == [files[1]] and list(result.bad) == [files[1]]
+    # A verdict an older check cached (no version) is not trusted: a text file named .png,
+    # which that check skipped as "not an image", is checked again and is a broken image.
+    text = tmp_path / "d" / "train" / "0" / "broken.png"
+    text.write_text("not an image\n")
+    stat = text.stat()
+    cache.write_text(json.dumps({str(text): [stat.st_size, stat.st_mtime_ns, NOT_IMAGE]}))
+    result = scan_images([text], cache, counting)
+    assert checked[-1] == text and list(result.bad) == [text]
 
 
 def test_eager_and_lazy_decoding_serve_identical_images(tmp_path, monkeypatch):

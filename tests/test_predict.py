@@ -41,6 +41,109 @@ def test_inputs_from_a_folder_a_glob_a_csv_or_one_file(tmp_path):
         list_inputs(str(tmp_path / "*.webp"))
 
 
+DIGITS = tuple(str(d) for d in range(10))  # the class names of debug=smoke's digits
+
+
+def test_class_sub_folders_named_after_the_model_s_classes_are_labels(tmp_path):
+    write_digit_folder(tmp_path, {"photos": {3: 2, 7: 1}})
+    photos = tmp_path / "photos"
+    (photos / "7" / "deeper").mkdir()
+    (photos / "7" / "deeper" / "x.png").write_bytes((photos / "7" / "000.png").read_bytes())
+    (photos / "loose.png").write_bytes((photos / "3" / "000.png").read_bytes())
+    files, labels = list_inputs(str(photos), DIGITS)
+    assert [str(p.relative_to(photos)) for p in files] == [
+        "loose.png", "3/000.png", "3/001.png", "7/000.png", "7/deeper/x.png"]
+    assert labels == ["", "3", "3", "7", "7"]  # a file outside the class folders: unscored
+    assert list_inputs(str(photos))[1] is None  # no model classes given: no labels
+    # Sub-folders none of which is a class: a folder of images, sorted some other way.
+    assert list_inputs(str(tmp_path), ("cat", "dog"))[1] is None
+    # Some classes, some not: refused, naming the others, not scored as wrong.
+    (photos / "misc").mkdir()
+    (photos / "unsorted").mkdir()
+    with pytest.raises(ValueError, match=r"sub-folders misc, unsorted are not classes of the "
+                                         r"model \(its classes: 0, 1, .*input='.*/\*\*/\*'"):
+        list_inputs(str(photos), DIGITS)
+
+
+def test_csv_labels_that_are_not_classes_of_the_model_are_refused(tmp_path):
+    write_digit_folder(tmp_path, {"d": {3: 1, 7: 1}})
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("path,label\nd/3/000.png,three\nd/7/000.png,seven\n")
+    with pytest.raises(ValueError, match=r"labels seven, three are not classes of the model "
+                                         r"\(its classes: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9\); fix"):
+        list_inputs(str(manifest), DIGITS)
+    manifest.write_text("path,label\nd/3/000.png,3\nd/7/000.png,seven\n")  # one of them
+    with pytest.raises(ValueError, match="label seven is not a class of the model"):
+        list_inputs(str(manifest), DIGITS)
+    manifest.write_text("path,label\nd/3/000.png,3\nd/7/000.png,7\n")
+    assert list_inputs(str(manifest), DIGITS)[1] == ["3", "7"]
+
+
+def test_a_missing_input_is_refused_by_the_early_checks(tmp_path):
+    """Before Hydra makes the run dir (tailtune.cli.config.EarlyChecks); a glob is left to
+    the run, which removes its still-empty run dir when the glob matches nothing."""
+    from tailtune.cli.config import ConfigError, check_config
+
+    def problems(spec: str) -> str:
+        cfg, _ = compose_config("predict", ["ckpt_path=/no/best.ckpt", f"input={spec}"],
+                                tmp_path / "run")
+        with pytest.raises(ConfigError) as err:
+            check_config(cfg, entry="predict")
+        return str(err.value)
+
+    assert f"input does not exist: {tmp_path / 'nonexist'}" in problems(str(tmp_path / "nonexist"))
+    assert "input" not in problems(str(tmp_path)) and "input" not in problems(f"{tmp_path}/*.x")
+
+
+@pytest.mark.slow
+def test_predict_scores_class_folders_and_bad_input_leaves_no_run_dir(smoke_cfg, tmp_path):
+    from tailtune.cli.train import train
+
+    cfg, choices = smoke_cfg()  # digits, classes 0..9
+    train(cfg, choices)
+    best = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
+    write_digit_folder(tmp_path, {"photos": {d: 2 for d in range(10)}})
+    photos = tmp_path / "photos"
+    (photos / "5" / "broken.png").write_text("not an image\n")  # an error row, not a stop
+    logs = tmp_path / "logs"
+
+    def predict(*args: str):
+        return run_cli("tailtune-predict", f"ckpt_path={best}", f"paths.log_dir={logs}",
+                       "threads=1", *args, cwd=tmp_path)
+
+    result = predict(f"input={photos}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (written,) = logs.rglob("predictions.csv")
+    rows = _read_rows(written)
+    assert [r["label"] for r in rows] == [Path(r["path"]).parent.name for r in rows]
+    errors = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
+    assert errors == {"broken.png": "not an image, despite its .png extension"}
+    scored = [r for r in rows if not r["error"]]
+    accuracy = float(np.mean([r["label"] == r["pred"] for r in scored]))
+    # Stdout holds the result line and nothing else (no empty line from a progress bar).
+    assert result.stdout == (f"20 images predicted, 1 unreadable (see its error column), "
+                             f"accuracy {accuracy:.4f}: {written}\n")
+    summary = json.loads((written.parent / "metrics.json").read_text())
+    assert summary["accuracy"] == pytest.approx(accuracy) and summary["scored"] == 20
+
+    # Bad input: one line on stderr, exit 2, and no run dir left behind.
+    runs = sorted((logs / "runs").iterdir())
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("path,label\nphotos/3/000.png,three\n")
+    (photos / "misc").mkdir()
+    (photos / "misc" / "x.png").write_bytes((photos / "3" / "000.png").read_bytes())
+    for args, expected in [
+        ([f"input={tmp_path / 'nonexist'}"], "input does not exist"),
+        ([f"input={manifest}"], "label three is not a class of the model (its classes: 0, 1"),
+        ([f"input={photos}"], "sub-folder misc is not a class of the model"),
+        ([f"input={tmp_path}/*.webp"], "matches no files"),
+    ]:
+        result = predict(*args)
+        assert result.returncode == 2 and expected in result.stderr, result.stderr[-2000:]
+        assert result.stdout == "" and "Traceback" not in result.stderr
+        assert sorted((logs / "runs").iterdir()) == runs
+
+
 def test_unreadable_inputs_become_errors_not_exceptions(tmp_path):
     write_digit_folder(tmp_path, {"a": {3: 1}})
     good = tmp_path / "a" / "3" / "000.png"
@@ -107,6 +210,8 @@ def test_predict_on_held_out_photos_agrees_with_eval(smoke_cfg, tmp_path):
     result = run_cli("tailtune-predict", f"ckpt_path={best}", f"input={held_out}",
                      f"output={output}", "batch_size=4", "threads=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
+    # Its class folders (china/, flower/) are labels: the accuracy is eval's.
+    assert f"accuracy {results['test']['acc']:.4f}: {output}" in result.stdout
     rows = _read_rows(output)
     assert len(rows) == 11 + 2  # the 11 test photos and the 2 unreadable files; no .DS_Store
     errors = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}

@@ -222,6 +222,8 @@ def _cross_key_problems(cfg: DictConfig, choices: dict[str, str], entry: str) ->
                             "\"model.checkpoints=[logs/multiruns/<sweep>/*/checkpoints/best.ckpt]\"")
     elif entry in ("eval", "predict") and ckpt is None:
         problems.append(f"ckpt_path is required: tailtune-{entry} ckpt_path=PATH")
+    if entry == "predict" and cfg.get("input") and not OmegaConf.is_missing(cfg, "input"):
+        problems.extend(_predict_input_problems(str(cfg.input)))
     if ckpt is not None:
         problem = checkpoint_problem(ckpt)
         if problem:
@@ -247,6 +249,14 @@ def _data_location_problems(data: Any) -> list[str]:
         elif not Path(str(data.get(key))).expanduser().exists():
             problems.append(f"data.{key} does not exist: {data.get(key)}")
     return problems
+
+
+def _predict_input_problems(spec: str) -> list[str]:
+    """tailtune-predict's input= that is not there (a glob may match nothing: the task says
+    so): refused before the run dir exists."""
+    if any(ch in spec for ch in "*?[") or Path(spec).expanduser().exists():
+        return []
+    return [f"input does not exist: {spec}"]
 
 
 def _unwritable(path: str | Path) -> str | None:

@@ -4,12 +4,15 @@ Each file is decoded exactly as the checkpoint's training data was (``data.image
 ``data.resize``: the same ``decode_image`` as training's file loader), and scored with the
 model's own post-hoc logit adjustment, so predictions on a split's files agree with
 ``tailtune-eval`` on that split. Unreadable files get a row with an ``error`` and no
-prediction; they do not stop the run.
+prediction; they do not stop the run. Labelled input (a CSV's ``label`` column, or a folder
+whose sub-folders are named after the model's classes) adds a ``label`` column and the
+accuracy. Stdout holds only the result line; progress and warnings go to stderr.
 """
 
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 
 import hydra
@@ -25,27 +28,32 @@ from tailtune.cli.config import (
 )
 
 register_resolvers()
+_STARTED = time.time()  # before Hydra creates the run dir: see _remove_if_empty
 
 
 def predict(cfg: DictConfig) -> dict:
     """Write the predictions CSV; returns the run's summary (also its metrics.json)."""
     check_config(cfg, entry="predict")  # before torch is imported
     import torch
-    from rich.progress import Progress
     from torch.utils.data import DataLoader
 
-    from tailtune.build.checkpoints import read_checkpoint
+    from tailtune.build.checkpoints import dataset_info, read_checkpoint
     from tailtune.build.models import model_from_checkpoint
     from tailtune.build.trainer import choose_device, configure_process
+    from tailtune.console import track
     from tailtune.data.folders import list_inputs
     from tailtune.data.images import ImageFiles
     from tailtune.run_record import RunRecord, refuse_finished_run
 
-    configure_process(cfg)
-    checkpoint = read_checkpoint(cfg.ckpt_path)
-    files, labels = list_inputs(str(cfg.input))
     run_dir = Path(cfg.paths.output_dir)
-    refuse_finished_run(run_dir)
+    try:
+        configure_process(cfg)
+        checkpoint = read_checkpoint(cfg.ckpt_path)
+        files, labels = list_inputs(str(cfg.input), dataset_info(checkpoint).class_names)
+        refuse_finished_run(run_dir)
+    except BaseException:
+        _remove_if_empty(run_dir)  # refused input leaves no run dir behind
+        raise
     output = Path(cfg.output).expanduser() if cfg.get("output") else run_dir / "predictions.csv"
     record = RunRecord(run_dir)
     record.start({"entry": "predict", "ckpt_path": str(cfg.ckpt_path), "input": str(cfg.input)})
@@ -57,15 +65,12 @@ def predict(cfg: DictConfig) -> dict:
         loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
         probs = torch.full((len(files), len(model.class_names)), float("nan"))
         errors = [""] * len(files)
-        with Progress(transient=True) as progress:
-            task = progress.add_task("predicting", total=len(files))
-            for images, index, error in loader:
-                readable = torch.tensor([not e for e in error], dtype=torch.bool)
-                if readable.any():
-                    probs[index[readable]] = model.predict_proba(images[readable]).cpu()
-                for i, e in zip(index.tolist(), error, strict=True):
-                    errors[i] = e
-                progress.advance(task, len(index))
+        for images, index, error in track(loader, "predicting (batches)"):
+            readable = torch.tensor([not e for e in error], dtype=torch.bool)
+            if readable.any():
+                probs[index[readable]] = model.predict_proba(images[readable]).cpu()
+            for i, e in zip(index.tolist(), error, strict=True):
+                errors[i] = e
         summary = write_predictions(output, files, probs, errors, model.class_names, labels)
     except BaseException as err:
         record.fail(err)
@@ -74,17 +79,33 @@ def predict(cfg: DictConfig) -> dict:
     record.finish(summary)
     unreadable = f", {summary['unreadable']} unreadable (see its error column)" \
         if summary["unreadable"] else ""
-    accuracy = f", accuracy {summary['accuracy']:.4f}" if "accuracy" in summary else ""
+    accuracy = ""
+    if "accuracy" in summary:
+        accuracy = f", accuracy {summary['accuracy']:.4f}"
+        if summary["scored"] < summary["predicted"]:
+            accuracy += f" on the {summary['scored']} labelled"
     print(f"{summary['predicted']} images predicted{unreadable}{accuracy}: {output}")
     return summary
 
 
+def _remove_if_empty(run_dir: Path) -> None:
+    """Remove the run dir Hydra made for this run, if nothing was written to it: an empty dir
+    that existed before this process started (its mtime is older) is left alone."""
+    try:
+        if run_dir.is_dir() and not any(run_dir.iterdir()) \
+                and run_dir.stat().st_mtime >= _STARTED:
+            run_dir.rmdir()
+    except OSError:
+        pass  # only tidying
+
+
 def write_predictions(output: Path, files: list[Path], probs, errors: list[str],
                       class_names: tuple[str, ...], labels: list[str] | None) -> dict:
-    """``path[,label],pred,prob_<class>...,error`` rows, in input order."""
+    """``path[,label],pred,prob_<class>...,error`` rows, in input order. The accuracy is over
+    the readable files with a label (an empty label: predicted, not scored)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     predicted = probs.argmax(dim=1).tolist()
-    correct = 0
+    correct = scored = 0
     with output.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", *(["label"] if labels else []), "pred",
@@ -92,13 +113,15 @@ def write_predictions(output: Path, files: list[Path], probs, errors: list[str],
         for i, path in enumerate(files):
             ok = not errors[i]
             pred = class_names[predicted[i]] if ok else ""
-            correct += bool(ok and labels and labels[i] == pred)
+            if ok and labels and labels[i]:
+                scored += 1
+                correct += labels[i] == pred
             writer.writerow([str(path), *([labels[i]] if labels else []), pred,
                              *(f"{p:.6f}" if ok else "" for p in probs[i].tolist()), errors[i]])
     n_ok = sum(not e for e in errors)
     summary = {"predictions": str(output), "predicted": n_ok, "unreadable": len(files) - n_ok}
-    if labels and n_ok:
-        summary["accuracy"] = correct / n_ok
+    if scored:
+        summary.update(accuracy=correct / scored, scored=scored)
     return summary
 
 

@@ -1,9 +1,11 @@
 """Datasets of image files: a folder per class (``train/``, ``val/``, ``test/``), or a CSV
 manifest; plus the inputs of ``tailtune-predict`` (a folder, a glob or a CSV).
 
-Every file is checked once at set-up (results cached by size and mtime): files no image
-format claims are skipped and counted, broken images stop the run before training (or are
-skipped with ``on_bad_image=skip``), and every split must hold the same classes.
+Every file is checked once at set-up (results cached by size and mtime): files that are not
+images (no image format claims them, nor are they named like one: ``.DS_Store``, ``notes.txt``)
+are skipped and counted; broken images, including a file named ``.png``/``.jpg``/... that holds
+no image, stop the run before training (or are skipped with ``on_bad_image=skip``); and every
+split must hold the same classes.
 """
 
 from __future__ import annotations
@@ -340,17 +342,66 @@ def csv_datamodule(manifest: str | None = None, on_bad_image: str = "error",
     return ImbalancedDataModule(source, **datamodule)
 
 
-def list_inputs(spec: str) -> tuple[list[Path], list[str] | None]:
+def _not_classes(labels: list[str], class_names: list[str], what: str, spec: str,
+                 way_out: str) -> ValueError | None:
+    """The error for labels that are not classes of the model, naming a few of each."""
+    unknown = sorted(set(labels) - set(class_names))
+    if not unknown:
+        return None
+    many = len(unknown) > 1
+    return ValueError(f"input={spec}: {what}{'s' * many} {_listing(_sorted_labels(set(unknown)))} "
+                      f"{'are not classes' if many else 'is not a class'} of "
+                      f"the model (its classes: {_listing(list(class_names))}); {way_out}")
+
+
+def _class_folder_labels(folder: Path, files: list[Path], class_names: list[str],
+                         spec: str) -> list[str] | None:
+    """Labels from class sub-folders: each file's first folder below ``folder``, when the
+    sub-folders are named after the model's classes. ``None`` when none of them is (a folder
+    of images, sorted any way); refused when only some are. Files outside the class folders
+    get an empty label: predicted, not scored."""
+    subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not is_junk(p))
+    if not set(subfolders) & set(class_names):
+        return None
+    problem = _not_classes(subfolders, class_names, "sub-folder", spec,
+                           "name every sub-folder after a class to score the images by "
+                           f"folder, or give input='{spec.rstrip('/')}/**/*' to predict "
+                           "without labels")
+    if problem:
+        raise problem
+    labels = [f.relative_to(folder).parts[0] if len(f.relative_to(folder).parts) > 1 else ""
+              for f in files]
+    loose = [str(f.relative_to(folder)) for f, label in zip(files, labels, strict=True)
+             if not label]
+    if loose:
+        log.warning("input: %d file(s) outside the class folders are predicted but not "
+                    "scored: %s", len(loose), _listing(loose))
+    return labels
+
+
+def list_inputs(spec: str, class_names: list[str] | tuple[str, ...] | None = None
+                ) -> tuple[list[Path], list[str] | None]:
     """The files ``tailtune-predict input=`` names: a folder (recursively), a glob, a CSV
-    with a ``path`` column (and optionally ``label``), or one file. Returns the files and the
-    CSV's labels, if it has them."""
+    with a ``path`` column (and optionally ``label``), or one file. Returns the files and
+    their labels, if they have them: a CSV's ``label`` column, or, given the model's
+    ``class_names``, a folder's class sub-folders (``input/<class>/...``, as ``test/`` of an
+    image-folder dataset). Labels that are not classes of the model are refused."""
     path = Path(spec).expanduser()
+    classes = list(class_names) if class_names is not None else None
     if path.suffix.lower() == ".csv" and path.is_file():
         rows = read_manifest(path, require_label=False)
         labels = [label for _, label, _ in rows]
+        if classes is not None and all(labels):
+            problem = _not_classes(labels, classes, "label", spec,
+                                   "fix the labels, or leave out the label column to predict "
+                                   "without an accuracy")
+            if problem:
+                raise problem
         return [p for p, _, _ in rows], labels if all(labels) else None
     if path.is_dir():
         files, _ = _walk_files(path)
+        if files and classes is not None:
+            return files, _class_folder_labels(path, files, classes, spec)
     elif any(ch in spec for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)
                        if Path(p).is_file() and not is_junk(Path(p)))

@@ -27,6 +27,13 @@ RESIZE_MODES = ("squash", "center_crop")
 # Files an OS or a file manager leaves behind; never read.
 JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"})
 NOT_IMAGE = "not an image"
+# Extensions of the image files people keep: such a file that cannot be decoded is a broken
+# image (it stops a training run), never a stray file to skip.
+IMAGE_SUFFIXES = frozenset({
+    ".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".gif", ".bmp", ".dib", ".tif", ".tiff",
+    ".webp", ".avif", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k", ".ico", ".qoi",
+})
+CHECK_VERSION = 2  # bump when check_image's verdicts change, to re-check cached files
 DECODE_VERSION = "1"  # bump when decode_image's output changes, to invalidate decoded caches
 
 
@@ -128,18 +135,34 @@ def _looks_like_image(path: Path) -> bool:
     return head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
+def named_like_image(path: Path) -> bool:
+    """Whether the file's extension says it is an image (:data:`IMAGE_SUFFIXES`)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def unidentified_reason(path: Path) -> str:
+    """Why a file no image format claims cannot be read: :data:`NOT_IMAGE` for a stray file
+    (``notes.txt``), a reason for one that starts like an image or is named like one (an
+    HTML error page saved as ``photo.jpg``): those are broken images, not strays."""
+    if _looks_like_image(path):
+        return "damaged image header"
+    if named_like_image(path):
+        return f"not an image, despite its {path.suffix} extension"
+    return NOT_IMAGE
+
+
 def check_image(path: Path) -> str | None:
     """``None`` for a readable image, :data:`NOT_IMAGE` for a file that is not an image at
-    all (no image format claims it, and it does not start like one), else why the image cannot
-    be read (truncated, bad checksum, damaged header, empty, unreadable file).
+    all (no image format claims it, it does not start like one and its extension is not an
+    image's), else why the image cannot be read (truncated, bad checksum, damaged header,
+    not an image despite an image extension, empty, unreadable file).
 
     ``verify`` checks the structure and checksums (PNG CRCs); ``load`` decodes every byte,
     which is what catches a truncated JPEG. JPEGs decode at reduced scale: just as strict.
     """
     try:
         if path.stat().st_size == 0:  # an interrupted copy or download
-            return "empty file" if path.suffix.lower() in Image.registered_extensions() \
-                else NOT_IMAGE
+            return "empty file" if named_like_image(path) else NOT_IMAGE
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as image:
@@ -149,7 +172,7 @@ def check_image(path: Path) -> str | None:
                     image.draft("RGB", (64, 64))
                 image.load()
     except UnidentifiedImageError:
-        return "damaged image header" if _looks_like_image(path) else NOT_IMAGE
+        return unidentified_reason(path)
     except Exception as err:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError...
         return f"{type(err).__name__}: {str(err).strip() or 'unreadable'}"
     return None
@@ -171,7 +194,8 @@ def _workers() -> int:
 def scan_images(paths: Sequence[Path], cache_file: Path | None = None,
                 check: Callable[[Path], str | None] = check_image) -> ScanResult:
     """Check every file once; results are cached by (path, size, mtime) in ``cache_file``,
-    so a later run re-checks only new or changed files."""
+    so a later run re-checks only new or changed files (and all of them when
+    :data:`CHECK_VERSION` changed)."""
     cached: dict[str, list] = {}
     if cache_file is not None and cache_file.is_file():
         try:
@@ -185,11 +209,16 @@ def scan_images(paths: Sequence[Path], cache_file: Path | None = None,
             stats[str(path)] = [stat.st_size, stat.st_mtime_ns]
         except OSError:
             stats[str(path)] = [-1, -1]
-    todo = [p for p in paths if cached.get(str(p), [None, None])[:2] != stats[str(p)]]
+
+    def fresh(path: Path) -> bool:  # [size, mtime, verdict, CHECK_VERSION]; old ones lack it
+        entry = cached.get(str(path), [])
+        return entry[:2] == stats[str(path)] and entry[3:] == [CHECK_VERSION]
+
+    todo = [p for p in paths if not fresh(p)]
     with ThreadPoolExecutor(_workers()) as pool:
         checked = track(pool.map(check, todo), "checking image files", total=len(todo))
         for path, status in zip(todo, checked, strict=True):
-            cached[str(path)] = [*stats[str(path)], status]
+            cached[str(path)] = [*stats[str(path)], status, CHECK_VERSION]
     result = ScanResult()
     for path in paths:
         status = cached[str(path)][2]
@@ -274,8 +303,9 @@ class ImageFiles(Dataset):
             if is_junk(path):
                 raise UnidentifiedImageError(NOT_IMAGE)
             array = decode_image(path, self.size, self.resize)
-        except UnidentifiedImageError:
-            return torch.zeros(3, self.size, self.size), index, NOT_IMAGE
+        except UnidentifiedImageError:  # as the training check words it
+            reason = NOT_IMAGE if is_junk(path) else unidentified_reason(path)
+            return torch.zeros(3, self.size, self.size), index, reason
         except Exception as err:  # noqa: BLE001 - any decoder failure becomes an error row
             reason = f"{type(err).__name__}: {str(err).strip() or 'unreadable'}"
             return torch.zeros(3, self.size, self.size), index, reason
