@@ -316,6 +316,24 @@ def test_evaluating_a_checkpoint_on_changed_data_is_refused(cli, tmp_path, folde
     assert_no_complete_run(tmp_path / "logs")
 
 
+@pytest.mark.parametrize(("script", "override"), [
+    ("eval", "data=image_folder"), ("predict", "data=image_folder"),
+    # (tailtune-eval under the fixture's debug=smoke has a data node: the preset's keys)
+    ("predict", "data.image_size=64")])
+def test_data_without_a_plus_outside_training_says_the_checkpoint_s_data_is_used(
+        cli, tmp_path, script, override):
+    # Neither has a data group or key (Hydra said "No match in the defaults list", or that
+    # `data` is not a setting).
+    inputs = ["input=x"] if script == "predict" else []
+    code, err = cli("ckpt_path=/no/such/best.ckpt", *inputs, override, script=script)
+    assert_one_readable_error(code, err, "use the checkpoint's own data config; tailtune-eval "
+                                         "moves its files with +data.root=DIR")
+    assert_no_complete_run(tmp_path)
+    # In training, data is a group: a misspelt key of it is still named as one.
+    code, err = cli("data.fooo=1")
+    assert_one_readable_error(code, err, "data.fooo is not a setting of ImbalancedDataModule")
+
+
 def test_eval_of_a_missing_checkpoint_is_refused(cli, tmp_path):
     code, err = cli("ckpt_path=/no/such/best.ckpt", script="eval")
     assert_one_readable_error(code, err, "ckpt_path does not exist: /no/such/best.ckpt")

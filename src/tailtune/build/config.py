@@ -223,5 +223,5 @@ def eval_data_config(trained: DictConfig, requested: DictConfig | None) -> DictC
                 f"data.{key}={requested[key]} (set on the command line or by a debug preset) "
                 f"differs from the checkpoint's data.{key}={trained.get(key)}: metrics at "
                 f"another setting would not be this run's test metrics; drop it, or set "
-                f"data.{key}={trained.get(key)}")
+                f"+data.{key}={trained.get(key)}")
     return OmegaConf.merge(trained, requested)

@@ -392,6 +392,13 @@ def _release_hydra_errors() -> None:
         _full_error_set_here = False
 
 
+# Only tailtune-train chooses data: the other entry points lack the group and the key.
+DATA_FROM_CHECKPOINT = (
+    "tailtune-eval and tailtune-predict use the checkpoint's own data config; tailtune-eval "
+    "moves its files with +data.root=DIR (any of its keys, with a +), and other images are "
+    "scored with tailtune-predict ckpt_path=... input=DIR")
+
+
 def _override_error(err: BaseException) -> str | None:
     """Hydra's ``Could not override 'model.lrr'. To append to your config use +model.lrr=1``
     as a message that says the key is not a setting, with the closest valid key."""
@@ -399,9 +406,15 @@ def _override_error(err: BaseException) -> str | None:
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
     cause = err.__cause__
+    overridden = re.match(r"Could not override '([^']+)'", str(err))
+    if isinstance(err, ConfigCompositionException) and overridden \
+            and overridden.group(1).split(".")[0] == "data" \
+            and ("No match in the defaults list" in str(err)
+                 or str(getattr(cause, "full_key", "")) == "data"):  # no data group or key
+        return f"{overridden.group(1)}=... is not taken here: {DATA_FROM_CHECKPOINT}"
     if not (isinstance(err, ConfigCompositionException)
             and isinstance(cause, (ConfigAttributeError, ConfigKeyError))
-            and str(err).startswith("Could not override")):
+            and overridden):
         return None
     from tailtune.cli import schema
 
