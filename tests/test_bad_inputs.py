@@ -129,7 +129,8 @@ def folder_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        pytest.param(["loss=nope"], "Available options in 'loss'", id="unknown-loss-option"),
+        pytest.param(["loss=nope"], "loss=nope is not an option; loss is one of "
+                     "balanced_softmax, ce, class_balanced, focal,", id="unknown-loss-option"),
         pytest.param(["model.lrr=1e-3"], "model.lrr is not a setting of FineTuneModule; "
                      "did you mean model.lr?", id="typo-in-key"),
         # Lightning would start 4 processes that each re-run the script and fail.
@@ -174,8 +175,8 @@ def test_console_script_hub_weights_offline_says_no_network_and_what_to_use(tmp_
                                                ("data", "digits_lt")])
 def test_unknown_option_lists_the_valid_ones(cli, tmp_path, group, valid):
     code, err = cli(f"{group}=nope")
-    assert_one_readable_error(code, err, f"Could not find '{group}/nope'")
-    assert f"Available options in '{group}'" in err and valid in err
+    assert_one_readable_error(code, err, f"{group}=nope is not an option; {group} is one of ")
+    assert valid in err and "Config search path" not in err
     assert_no_complete_run(tmp_path)
 
 
@@ -466,16 +467,21 @@ def test_valid_settings_near_the_refused_ones_pass(tmp_path, args):
     check_train_config(cfg, choices)  # 2 (or 4) CPU processes over gloo are legitimate
 
 
-@pytest.mark.parametrize(("launcher", "swept", "refused"), [
-    ("basic", "loss=ce,focal", True),
-    ("joblib", "loss=ce,focal", True),
+@pytest.mark.parametrize(("launcher", "sweeper", "swept", "refused"), [
+    # A basic sweep's jobs are each composed and checked: whatever the sweep varies.
+    ("basic", "basic", "loss=ce,focal", True),
+    ("joblib", "basic", "loss=ce,focal", True),
+    ("basic", "basic", "experiment=quick,lt_recipe", True),
     # Compute nodes may mount what the submitting host does not: each job checks its own.
-    ("submitit_slurm", "loss=ce,focal", False),
-    # Swept options that may set the data location themselves.
-    ("basic", "experiment=quick,lt_recipe", False),
-    ("basic", "paths.data_dir=/a,/b", False),
+    ("submitit_slurm", "basic", "loss=ce,focal", False),
+    # Optuna's jobs are not known in advance: the base config's data folder is checked,
+    # unless the sweep varies options that may set the data location themselves.
+    ("basic", "optuna", "loss=ce,focal", True),
+    ("basic", "optuna", "experiment=quick,lt_recipe", False),
+    ("basic", "optuna", "paths.data_dir=/a,/b", False),
 ])
-def test_which_sweeps_refuse_a_missing_data_folder_before_starting(launcher, swept, refused):
+def test_which_sweeps_refuse_a_missing_data_folder_before_starting(launcher, sweeper, swept,
+                                                                    refused):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
@@ -486,13 +492,24 @@ def test_which_sweeps_refuse_a_missing_data_folder_before_starting(launcher, swe
                  "data.root=/no/such/folder"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         config = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(config):
-        config.hydra.overrides.task = [*overrides, swept]
-    if refused:
-        with pytest.raises(SystemExit):
+        with open_dict(config):
+            config.hydra.overrides.task = [*overrides, swept]
+            config.hydra.runtime.choices["hydra/sweeper"] = sweeper
+        if refused:
+            with pytest.raises(SystemExit):
+                EarlyChecks().on_multirun_start(config)
+        else:
             EarlyChecks().on_multirun_start(config)
-    else:
-        EarlyChecks().on_multirun_start(config)
+
+
+def test_a_basic_sweep_refuses_a_bad_job_before_any_job_runs(cli, tmp_path):
+    """Job 2 of 4 has a bad value, job 1 an unknown option: refused together before the sweep
+    dir exists (else jobs 0 and 1 would train, then the sweep would stop)."""
+    code, err = cli("model.lr=1e-3,abc", "loss=ce,nope", multirun=True)
+    assert_one_readable_error(code, err, "loss=nope is not an option")
+    assert "(sweep jobs 1 (model.lr=0.001 loss=nope), 3 (model.lr=abc loss=nope))" in err
+    assert "model.lr must be a finite number > 0, got 'abc' (sweep job 2 " in err
+    assert not (tmp_path / "logs").exists()
 
 
 def test_a_sweep_that_varies_the_data_is_left_to_its_jobs():

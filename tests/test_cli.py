@@ -101,7 +101,8 @@ def test_eval_refuses_a_checkpoint_of_another_split(smoke_cfg, tmp_path):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["loss=nope"], "Available options in 'loss'"),
+        (["loss=nope"], "loss=nope is not an option; loss is one of balanced_softmax, ce,"),
+        (["loss=focall"], "did you mean loss=focal?"),
         (["backbone=nope"], "efficientnet_lite0"),
         (["sampler=nope"], "weighted"),
         (["model.lrr=1"], "model.lrr is not a setting of FineTuneModule; did you mean model.lr?"),

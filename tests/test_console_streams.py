@@ -75,9 +75,10 @@ def test_a_warning_prints_once_per_process_across_a_sweeps_handlers(capsys):
 
 
 def test_a_sweep_prints_its_dir_once_on_stderr(tmp_path):
-    # The first job fails its config check at once: the sweep starts, nothing trains.
-    result = run_cli("tailtune-train", "-m", "debug=smoke", "data.batch_size=0,-1",
-                     cwd=tmp_path)
+    # The first job finds its (existing) data folder empty: the sweep starts, nothing trains.
+    (tmp_path / "empty").mkdir()
+    result = run_cli("tailtune-train", "-m", "debug=smoke", "data=image_folder",
+                     f"data.root={tmp_path / 'empty'}", "seed=1,2", cwd=tmp_path)
     assert result.returncode == 2
     (sweep_dir,) = (tmp_path / "logs" / "multiruns").iterdir()
     assert result.stderr.count("sweep dir:") == 1
@@ -87,8 +88,10 @@ def test_a_sweep_prints_its_dir_once_on_stderr(tmp_path):
 
 
 def test_a_joblib_sweep_names_its_dir_once_through_hydra(tmp_path):
+    (tmp_path / "empty").mkdir()
     result = run_cli("tailtune-train", "-m", "launcher=joblib", "debug=smoke",
-                     "data.batch_size=0,-1", cwd=tmp_path)
+                     "data=image_folder", f"data.root={tmp_path / 'empty'}", "seed=1,2",
+                     cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.count("sweep output dir") == 1 and "sweep dir:" not in result.stderr
 

@@ -300,14 +300,20 @@ class EarlyChecks(Callback):
             return
         hydra_node = config.get("hydra") or {}
         choices = dict((hydra_node.get("runtime") or {}).get("choices") or {})
+        local = choices.get("hydra/launcher", "basic") in LOCAL_LAUNCHERS
         try:
             check_config(config, choices, cross_keys=not sweep)
+            if sweep and local and choices.get("hydra/sweeper", "basic") == "basic":
+                # Every job, checked in full before the sweep dir exists: a bad value in
+                # job 5 would otherwise stop the sweep after jobs 0-4 ran.
+                problems = _sweep_job_problems(config)
+                if problems:
+                    raise ConfigError("; ".join(problems))
             # Of the cross-key checks, a sweep's base config answers the data location for
-            # every job, unless the sweep varies it or runs its jobs on other hosts (a path
-            # that only SLURM's compute nodes mount): a missing folder is refused here,
-            # before Hydra creates the sweep dir.
-            if sweep and str(config.get("task_name") or "train") == "train" \
-                    and choices.get("hydra/launcher", "basic") in LOCAL_LAUNCHERS \
+            # every job (of a sweeper whose jobs are not known in advance), unless the sweep
+            # varies it or runs its jobs on other hosts (a path that only SLURM's compute
+            # nodes mount): a missing folder is refused before Hydra creates the sweep dir.
+            elif sweep and local and str(config.get("task_name") or "train") == "train" \
                     and not any(key.split(".")[0] in MAY_MOVE_DATA
                                 for key in _swept_keys(config)):
                 problems = _data_location_problems(config.get("data") or {})
@@ -341,6 +347,41 @@ def _swept_keys(config: DictConfig) -> set[str]:
     params = (hydra_node.get("sweeper") or {}).get("params") or {}
     return ({o.key_or_group for o in overrides if o.is_sweep_override()}
             | {str(key) for key in params})
+
+
+def _sweep_job_problems(config: DictConfig) -> list[str]:
+    """The problems of each job of a basic sweep, composed as Hydra's sweeper will compose it
+    and checked as its run will be (types, ranges, cross-key checks, files); jobs sharing a
+    problem are named together."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    loader = GlobalHydra.instance().config_loader()
+    hydra_node = config.hydra
+    params = [f"{key}={value}"
+              for key, value in (hydra_node.sweeper.get("params") or {}).items()]
+    overrides = OverridesParser.create(config_loader=loader).parse_overrides(
+        [*params, *hydra_node.overrides.task])
+    swept = _swept_keys(config)
+    jobs: dict[str, list[str]] = {}  # problem -> the jobs that have it
+    batches = BasicSweeper.split_arguments(overrides, None)
+    for number, job in enumerate(job for batch in batches for job in batch):
+        try:
+            job_cfg = loader.load_sweep_config(config, list(job))
+            check_config(job_cfg, dict(job_cfg.hydra.runtime.choices))
+            continue
+        except ConfigError as err:
+            problem = str(err)
+        except Exception as err:  # noqa: BLE001 - composition: Hydra's errors, made readable
+            problem = _override_error(err) or _unknown_option_error(err) or ""
+            if not problem:
+                raise
+        values = " ".join(o for o in job if o.split("=", 1)[0].lstrip("+~") in swept)
+        jobs.setdefault(problem, []).append(f"{number} ({values})" if values else str(number))
+    return [f"{problem} (sweep job{'s' * (len(numbers) > 1)} {', '.join(numbers[:3])}"
+            f"{f' and {len(numbers) - 3} more' if len(numbers) > 3 else ''})"
+            for problem, numbers in jobs.items()]
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -434,11 +475,27 @@ def _override_error(err: BaseException) -> str | None:
     return f"{message}; to pass a new setting to its class, use {append}"
 
 
+def _unknown_option_error(err: BaseException) -> str | None:
+    """Hydra's ``Could not find 'loss/nope'`` (with its options and config search path) as
+    one line: the option, the valid ones, the closest."""
+    from hydra.errors import MissingConfigException
+
+    if not (isinstance(err, MissingConfigException) and err.options and err.missing_cfg_file):
+        return None
+    group, _, name = str(err.missing_cfg_file).rpartition("/")
+    if not group:
+        return None
+    options = sorted(str(o) for o in err.options)
+    close = difflib.get_close_matches(name, options, n=1)
+    hint = f"; did you mean {group}={close[0]}?" if close else ""
+    return f"{group}={name} is not an option; {group} is one of {', '.join(options)}{hint}"
+
+
 def readable_config_errors(hydra_main: Callable[..., T]) -> Callable[..., T]:
     """Put over ``@hydra.main``: a misspelt key (``model.lrr=1``) is named as a key that is not
-    a setting, with the closest valid one, instead of Hydra's advice to append it with ``+``.
-    Hydra's other composition errors (an unknown option, with the valid ones) are reported
-    as Hydra reports them."""
+    a setting, with the closest valid one, instead of Hydra's advice to append it with ``+``;
+    an unknown option is one line with the valid ones. Hydra's other composition errors are
+    reported as Hydra reports them."""
 
     @functools.wraps(hydra_main)
     def main(*args: Any, **kwargs: Any) -> T:
@@ -452,7 +509,7 @@ def readable_config_errors(hydra_main: Callable[..., T]) -> Callable[..., T]:
             if not _full_error_set_here:  # from the task, or the user asked for tracebacks
                 raise
             _release_hydra_errors()
-            message = _override_error(err)
+            message = _override_error(err) or _unknown_option_error(err)
             if message:
                 print(f"tailtune: error: {message}", file=sys.stderr)
                 sys.exit(2)
