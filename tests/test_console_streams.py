@@ -112,3 +112,17 @@ def test_plots_of_long_config_names_raise_no_layout_warning(tmp_path):
         for plot in (plots.balanced_accuracy_plot, plots.recall_heatmap, plots.shot_bars):
             assert plot(summaries, tmp_path / f"{plot.__name__}.png").stat().st_size > 0
     assert not [str(w.message) for w in caught], [str(w.message) for w in caught]
+
+
+def test_debug_overfit_prints_no_warning_about_what_it_asked_for(tmp_path):
+    """overfit_batches swaps in a sequential sampler and turns shuffling off on purpose:
+    neither tailtune's sampler check nor Lightning's shuffling notice is a warning there."""
+    cfg, choices = compose_config("train", ["debug=overfit", "trainer.max_epochs=2",
+                                            "trainer.overfit_batches=2", "data.batch_size=8"],
+                                  tmp_path / "run")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg, choices)
+    shown = [str(w.message) for w in caught if not console.is_noise(str(w.message))]
+    assert not [m for m in shown if "not the configured" in m or "logging interval" in m
+                or "requested to overfit" in m], shown

@@ -63,7 +63,8 @@ class SamplerEpoch(L.Callback):
         loader = trainer.train_dataloader  # set up by the time training starts
         used = getattr(loader, "sampler", None)
         inner = getattr(getattr(used, "dataset", None), "_sampler", used)  # unwrap DDP wrapper
-        if used is not None and inner is not self.sampler:
+        # trainer.overfit_batches (debug=overfit) swaps in a SequentialSampler on purpose.
+        if used is not None and inner is not self.sampler and not trainer.overfit_batches:
             rank_zero_warn(
                 f"the training loader uses {type(inner).__name__}, not the configured "
                 f"{type(self.sampler).__name__}; check use_distributed_sampler / the datamodule"

@@ -58,6 +58,7 @@ NOISE = tuple(re.compile(pattern) for pattern in (
     r"^Loading `train_dataloader` to estimate number of stepping batches",
     r"^Restoring states from the checkpoint path at ",          # testing the best checkpoint
     r"^Loaded model weights from the checkpoint at ",
+    r"^You requested to overfit but enabled \w+ dataloader shuffling",  # debug=overfit's aim
 ))
 
 
