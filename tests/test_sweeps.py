@@ -195,6 +195,9 @@ def test_sigterm_saves_a_checkpoint_and_the_restart_resumes(tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.wait(120)
     assert proc.returncode != 0
+    assert ("run failed: stopped by SIGTERM; run dir: "
+            f"{run_dir}; to resume it, run the same command with hydra.run.dir={run_dir} "
+            "resume=auto") in proc.stdout.read()
     assert (run_dir / "checkpoints" / "interrupted.ckpt").is_file()
     assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
     restart = _start(run_dir, slow, "resume=auto", env={"TAILTUNE_PROBES_OFF": "1"})

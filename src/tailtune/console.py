@@ -277,14 +277,16 @@ def print_results(metrics: Mapping[str, Any], run_dir: str | Path,
     out.print(f"run dir: {run_dir}", soft_wrap=True, markup=False)
 
 
-def print_failure(run_dir: str | Path, err: BaseException) -> None:
+def print_failure(run_dir: str | Path, err: BaseException, resumable: bool = False) -> None:
     """A failed run's dir on stderr (rank zero only). An exception's own line follows from
     the entry point (``tailtune: error: ...``, or the traceback of a bug); a run stopped by a
-    signal or Ctrl-C gets its reason here."""
+    signal or Ctrl-C gets its reason here, and, if ``resumable``, how to resume it."""
     if rank() != 0:
         return
     reason = "" if isinstance(err, Exception) else f": {one_line(err)}"
-    CONSOLE.print(Text(f"run failed{reason}; run dir: {run_dir}", style="bold red"),
+    resume = (f"; to resume it, run the same command with hydra.run.dir={run_dir} resume=auto"
+              if resumable and reason else "")
+    CONSOLE.print(Text(f"run failed{reason}; run dir: {run_dir}{resume}", style="bold red"),
                   soft_wrap=True)
 
 
@@ -293,7 +295,7 @@ def one_line(err: BaseException) -> str:
     if isinstance(err, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
     if type(err).__name__ == "SIGTERMException":  # Lightning's, a SystemExit without a code
-        return "stopped by SIGTERM (resume=auto resumes it from its last saved state)"
+        return "stopped by SIGTERM"
     if isinstance(err, SystemExit):
         return f"stopped (exit code {err.code})" if isinstance(err.code, int) else \
             f"stopped: {err.code}"

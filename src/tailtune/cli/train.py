@@ -106,7 +106,7 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
         if record.rank_zero:
             results.withdraw_best_checkpoint(run_dir)
         record.fail(err)
-        output.print_failure(run_dir, err)
+        output.print_failure(run_dir, err, resumable=True)
         if isinstance(err, SystemExit) and not err.code:  # Lightning's SIGTERM exit is code 0
             raise SystemExit(143) from err
         raise
