@@ -324,3 +324,5 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
     values = [_metrics(j)["val"]["bal_acc"] for j in _job_dirs(sweep)]
     assert len(values) == 2 and best["best_value"] == pytest.approx(max(values))
     assert {"model.lr", "sampler", "loss"} <= set(best["best_params"])
+    # Optuna's storage plugins and its colour codes stay out of the log.
+    assert "alembic" not in result.stderr and "\x1b[" not in result.stderr

@@ -231,6 +231,10 @@ class SweepDir(Callback):
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         hydra_node = config.hydra
+        if "optuna" in str((hydra_node.get("sweeper") or {}).get("_target_") or ""):
+            import optuna  # its INFO lines, coloured even into a file, repeat the sweeper's
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
         launcher = str((hydra_node.get("launcher") or {}).get("_target_") or "")
         if rank() != 0 or any(name in launcher for name in self.PRINTED_BY_LAUNCHER):
             return
