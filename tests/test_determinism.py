@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from helpers import assert_test_metrics_match_sklearn, run_cli
@@ -51,8 +52,10 @@ def test_same_seed_and_config_give_identical_metrics_json(smoke_cfg):
     assert first["epochs_trained"] == 2
     assert_test_metrics_match_sklearn(runs[0], first)
     # Wall times live apart, or no two metrics.json could ever be equal.
-    assert "wall_s" in json.loads((runs[0] / "timings.json").read_text())
-    assert "wall_s" not in json.dumps(first)
+    timings = json.loads((runs[0] / "timings.json").read_text())
+    assert "wall_s" in timings and "wall_s" not in json.dumps(first)
+    # So is the thread count, on which CPU numbers depend (a comparison names a mix).
+    assert timings["torch_threads"] == torch.get_num_threads()
 
 
 @pytest.mark.parametrize("sampler", INDEX_SAMPLERS)

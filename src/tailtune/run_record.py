@@ -265,8 +265,13 @@ class RunRecord:
         try:
             write_json(self.metrics_path, metrics)
             wall_s = round(time.time() - self.started, 2)
-            write_json(self.run_dir / "timings.json", {"wall_s": wall_s} if not self.resumed_from
-                       else {"wall_s_since_resume": wall_s, "resumed_from": self.resumed_from})
+            timings: dict[str, Any] = (
+                {"wall_s": wall_s} if not self.resumed_from
+                else {"wall_s_since_resume": wall_s, "resumed_from": self.resumed_from})
+            torch = sys.modules.get("torch")
+            if torch is not None:  # CPU results depend on it (README, "Results")
+                timings["torch_threads"] = torch.get_num_threads()
+            write_json(self.run_dir / "timings.json", timings)
             self.set_status("done")
         finally:
             self.lock.release()

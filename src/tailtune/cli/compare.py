@@ -48,6 +48,11 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
     for run in unfinished:
         reason = f": {run.error}" if run.error else ""
         console.print(f"[yellow]{run.status}[/] " + escape(f"{run.path}{reason}"))
+    threads = sorted({r.threads for r in runs if r.status == "done" and r.threads})
+    if len(threads) > 1:
+        console.print(f"[yellow]runs used different torch thread counts ({threads}):[/] on a "
+                      "CPU the same config and seed can score a few points apart from that "
+                      "alone (set threads=N for every run of a comparison)", soft_wrap=True)
     for run in repeats:
         console.print("[yellow]repeat, not counted[/] " + escape(
             f"{run.path}: the same config and seed ({run.seed}) as a newer run"))

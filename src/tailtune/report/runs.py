@@ -58,6 +58,7 @@ class Run:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     wall_s: float | None = None  # the run's wall time (timings.json), for equal-time comparisons
+    threads: int | None = None  # torch's CPU threads (timings.json): CPU numbers depend on it
 
     @property
     def config_parts(self) -> tuple[str, ...]:
@@ -158,9 +159,10 @@ def find_runs(root: Path) -> list[Run]:
         if state != "done" or not metrics.get("test"):
             fallback = metrics_from_events(run_dir)
             metrics = {**fallback, **metrics}
+        timings = _read_json(run_dir / "timings.json")
         runs.append(Run(run_dir, state, _overrides(run_dir, metrics), metrics,
-                        status.get("error", ""),
-                        _read_json(run_dir / "timings.json").get("wall_s")))
+                        status.get("error", ""), timings.get("wall_s"),
+                        timings.get("torch_threads")))
     return runs
 
 
