@@ -11,7 +11,6 @@
   real warnings stay.
 - **Progress.** :func:`track` draws a progress bar over an iterable, on a terminal and on rank
   zero only, for every step outside Lightning's loops that can take seconds.
-- **Sweeps.** :class:`SweepDir` prints a multirun's sweep dir once, at its start.
 - **Results.** :func:`results_table` / :func:`print_results`: the final val and test metrics
   and the run dir, on stdout (diagnostics stay on stderr, so ``> result.txt`` keeps results).
 
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import rich
-from hydra.experimental.callback import Callback
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -219,28 +217,6 @@ def track(iterable: Iterable[T], description: str, total: int | None = None) -> 
         for item in iterable:
             yield item
             progress.advance(task)
-
-
-# -- sweeps --------------------------------------------------------------------------------
-class SweepDir(Callback):
-    """Hydra callback (``configs/hydra/default.yaml``): a multirun prints its sweep dir once, on
-    stderr, at the start. Hydra's basic launcher names only each job's dir; the joblib and
-    submitit launchers print the sweep dir themselves, so it is not printed twice there."""
-
-    PRINTED_BY_LAUNCHER = ("hydra_joblib_launcher", "hydra_submitit_launcher")
-
-    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        hydra_node = config.hydra
-        if "optuna" in str((hydra_node.get("sweeper") or {}).get("_target_") or ""):
-            import optuna  # its INFO lines, coloured even into a file, repeat the sweeper's
-
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-        launcher = str((hydra_node.get("launcher") or {}).get("_target_") or "")
-        if rank() != 0 or any(name in launcher for name in self.PRINTED_BY_LAUNCHER):
-            return
-        # Resolved here first: Hydra caches ${now:...}, so the launcher gets the same dir.
-        sweep_dir = Path(str(hydra_node.sweep.dir)).absolute()
-        CONSOLE.print(f"sweep dir: {sweep_dir}", soft_wrap=True, markup=False)
 
 
 # -- results -------------------------------------------------------------------------------

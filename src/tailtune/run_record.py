@@ -26,6 +26,28 @@ PACKAGES = ("tailtune", "torch", "torchvision", "lightning", "timm", "torchmetri
             "hydra-core", "imbalanced-learn", "scikit-learn", "numpy")
 
 
+SEED_KEYS = ("seed",)
+# How a run is run, not what it computes (overrides of these or anything under them): a sweep
+# rerun with resume=auto, or on another launcher or thread count, is still the same config.
+# ckpt_path=<file> is not among them: it can warm-start (ckpt_path=auto resumes the run's own
+# state: says_how_to_run).
+HOW_RUN = ("resume", "threads", "launcher", "logger", "keep_freed_memory", "requeue_signal",
+           "paths", "hydra")
+
+
+def _top_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~").split(".", 1)[0]
+
+
+def says_how_to_run(override: str) -> bool:
+    """An override of how a run is run (or resumed), not of what it computes."""
+    return _top_key(override) in HOW_RUN or override.lstrip("+~") == "ckpt_path=auto"
+
+
+def is_config_override(override: str) -> bool:
+    return not says_how_to_run(override) and _top_key(override) not in SEED_KEYS
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write atomically: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,8 +106,6 @@ def config_changes(run_dir: Path, config_text: str) -> list[str]:
     paths inside other values (a resume from another working directory)."""
     import yaml
 
-    from tailtune.report.runs import HOW_RUN
-
     try:
         stored = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
@@ -132,8 +152,6 @@ def refuse_other_config(run_dir: Path, config_text: str) -> None:
     import shlex
 
     import yaml
-
-    from tailtune.report.runs import says_how_to_run
 
     try:
         started = yaml.safe_load((Path(run_dir) / ".hydra" / "overrides.yaml").read_text())

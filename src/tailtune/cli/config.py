@@ -330,6 +330,29 @@ class EarlyChecks(Callback):
         self._check(config, sweep=True)
 
 
+class SweepDir(Callback):
+    """Hydra callback (``configs/hydra/default.yaml``): a multirun prints its sweep dir once, on
+    stderr, at the start. Hydra's basic launcher names only each job's dir; the joblib and
+    submitit launchers print the sweep dir themselves, so it is not printed twice there."""
+
+    PRINTED_BY_LAUNCHER = ("hydra_joblib_launcher", "hydra_submitit_launcher")
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        hydra_node = config.hydra
+        if "optuna" in str((hydra_node.get("sweeper") or {}).get("_target_") or ""):
+            import optuna  # its INFO lines, coloured even into a file, repeat the sweeper's
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+        launcher = str((hydra_node.get("launcher") or {}).get("_target_") or "")
+        from tailtune.console import CONSOLE, rank
+
+        if rank() != 0 or any(name in launcher for name in self.PRINTED_BY_LAUNCHER):
+            return
+        # Resolved here first: Hydra caches ${now:...}, so the launcher gets the same dir.
+        sweep_dir = Path(str(hydra_node.sweep.dir)).absolute()
+        CONSOLE.print(f"sweep dir: {sweep_dir}", soft_wrap=True, markup=False)
+
+
 LOCAL_LAUNCHERS = ("basic", "joblib", "submitit_local")
 # Swept keys that may change data.root or data.manifest: the data itself, the paths it
 # interpolates, and groups whose options set data keys.

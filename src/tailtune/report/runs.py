@@ -13,29 +13,7 @@ from typing import Any
 
 import yaml
 
-from tailtune.run_record import selection_value
-
-SEED_KEYS = ("seed",)
-# How a run is run, not what it computes (overrides of these or anything under them): a sweep
-# rerun with resume=auto, or on another launcher or thread count, is still the same config.
-# ckpt_path=<file> is not among them: it can warm-start (ckpt_path=auto resumes the run's own
-# state: says_how_to_run).
-HOW_RUN = ("resume", "threads", "launcher", "logger", "keep_freed_memory", "requeue_signal",
-           "paths", "hydra")
-NOT_CONFIG = (*SEED_KEYS, *HOW_RUN)
-
-
-def _top_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~").split(".", 1)[0]
-
-
-def says_how_to_run(override: str) -> bool:
-    """An override of how a run is run (or resumed), not of what it computes."""
-    return _top_key(override) in HOW_RUN or override.lstrip("+~") == "ckpt_path=auto"
-
-
-def is_config_override(override: str) -> bool:
-    return not says_how_to_run(override) and _top_key(override) not in SEED_KEYS
+from tailtune.run_record import SEED_KEYS, is_config_override, says_how_to_run, selection_value
 
 
 def job_dir_hash(overrides: Sequence[str]) -> str:
