@@ -328,11 +328,20 @@ def test_data_without_a_plus_outside_training_says_the_checkpoint_s_data_is_used
     inputs = ["input=x"] if script == "predict" else []
     code, err = cli("ckpt_path=/no/such/best.ckpt", *inputs, override, script=script)
     assert_one_readable_error(code, err, "use the checkpoint's own data config; tailtune-eval "
-                                         "moves its files with +data.root=DIR")
+                                         "finds moved files with +data.root=DIR")
     assert_no_complete_run(tmp_path)
     # In training, data is a group: a misspelt key of it is still named as one.
     code, err = cli("data.fooo=1")
     assert_one_readable_error(code, err, "data.fooo is not a setting of ImbalancedDataModule")
+
+
+def test_eval_at_another_image_size_is_refused_and_leaves_no_run_dir(cli, tmp_path,
+                                                                    folder_checkpoint):
+    _, best = folder_checkpoint
+    code, err = cli(f"ckpt_path={best}", "data.image_size=64", script="eval")
+    assert_one_readable_error(code, err, "data.image_size=64 (set on the command line or by a "
+                                         "debug preset) differs from the checkpoint's")
+    assert not list((tmp_path / "logs" / "runs").glob("*")), "an empty run dir was left"
 
 
 def test_eval_of_a_missing_checkpoint_is_refused(cli, tmp_path):

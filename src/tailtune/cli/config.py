@@ -13,6 +13,7 @@ import re
 import secrets
 import signal
 import sys
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -459,8 +460,9 @@ def _release_hydra_errors() -> None:
 # Only tailtune-train chooses data: the other entry points lack the group and the key.
 DATA_FROM_CHECKPOINT = (
     "tailtune-eval and tailtune-predict use the checkpoint's own data config; tailtune-eval "
-    "moves its files with +data.root=DIR (any of its keys, with a +), and other images are "
-    "scored with tailtune-predict ckpt_path=... input=DIR")
+    "finds moved files with +data.root=DIR (a +, as for its other keys; those that change "
+    "the images are refused), and other images are scored with tailtune-predict "
+    "ckpt_path=... input=DIR")
 
 
 def _override_error(err: BaseException) -> str | None:
@@ -549,6 +551,22 @@ def readable_config_errors(hydra_main: Callable[..., T]) -> Callable[..., T]:
             _release_hydra_errors()
 
     return main
+
+
+# Before Hydra creates a run dir: every entry point imports this module first.
+_PROCESS_STARTED = time.time()
+
+
+def remove_empty_run_dir(run_dir: Path) -> None:
+    """Remove the run dir Hydra made for this process, if nothing was written to it (input
+    refused after Hydra made it): an empty dir that existed before this process started
+    (its mtime is older) is left alone."""
+    try:
+        if run_dir.is_dir() and not any(run_dir.iterdir()) \
+                and run_dir.stat().st_mtime >= _PROCESS_STARTED:
+            run_dir.rmdir()
+    except OSError:
+        pass  # only tidying
 
 
 def save_hydra_files(cfg: DictConfig, output_dir: str | Path) -> None:

@@ -12,7 +12,6 @@ accuracy. Stdout holds only the result line; progress and warnings go to stderr.
 from __future__ import annotations
 
 import csv
-import time
 from pathlib import Path
 
 import hydra
@@ -24,11 +23,11 @@ from tailtune.cli.config import (
     readable_config_errors,
     readable_errors,
     register_resolvers,
+    remove_empty_run_dir,
     save_hydra_files,
 )
 
 register_resolvers()
-_STARTED = time.time()  # before Hydra creates the run dir: see _remove_if_empty
 
 
 def predict(cfg: DictConfig) -> dict:
@@ -52,7 +51,7 @@ def predict(cfg: DictConfig) -> dict:
         files, labels = list_inputs(str(cfg.input), dataset_info(checkpoint).class_names)
         refuse_finished_run(run_dir)
     except BaseException:
-        _remove_if_empty(run_dir)  # refused input leaves no run dir behind
+        remove_empty_run_dir(run_dir)  # refused input leaves no run dir behind
         raise
     output = Path(cfg.output).expanduser() if cfg.get("output") else run_dir / "predictions.csv"
     record = RunRecord(run_dir)
@@ -86,17 +85,6 @@ def predict(cfg: DictConfig) -> dict:
             accuracy += f" on the {summary['scored']} labelled"
     print(f"{summary['predicted']} images predicted{unreadable}{accuracy}: {output}")
     return summary
-
-
-def _remove_if_empty(run_dir: Path) -> None:
-    """Remove the run dir Hydra made for this run, if nothing was written to it: an empty dir
-    that existed before this process started (its mtime is older) is left alone."""
-    try:
-        if run_dir.is_dir() and not any(run_dir.iterdir()) \
-                and run_dir.stat().st_mtime >= _STARTED:
-            run_dir.rmdir()
-    except OSError:
-        pass  # only tidying
 
 
 def write_predictions(output: Path, files: list[Path], probs, errors: list[str],
