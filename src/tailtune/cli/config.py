@@ -423,13 +423,18 @@ def _one_line(err: BaseException) -> str:
 
 
 def readable_errors(fn: Callable[..., T]) -> Callable[..., T]:
-    """Turn bad input into one readable line and exit code 2, unless TAILTUNE_DEBUG=1."""
+    """Turn bad input into one readable line and exit code 2, unless TAILTUNE_DEBUG=1. A task
+    that fails before writing anything leaves no run dir (Hydra made it before the task)."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
+    def wrapper(cfg: DictConfig, *args: Any, **kwargs: Any) -> T:
         _release_hydra_errors()  # the config composed: Hydra reports the rest as usual
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(cfg, *args, **kwargs)
+            except BaseException:
+                remove_empty_run_dir(Path(str(cfg.paths.output_dir)))
+                raise
         except (ValueError, OSError, FloatingPointError, LookupError, RuntimeError,
                 InstantiationException) as err:
             if os.environ.get("TAILTUNE_DEBUG") == "1":

@@ -13,7 +13,6 @@ from tailtune.cli.config import (
     readable_config_errors,
     readable_errors,
     register_resolvers,
-    remove_empty_run_dir,
     save_hydra_files,
 )
 
@@ -32,16 +31,12 @@ def evaluate(cfg: DictConfig) -> dict:
     trainer.configure_process(cfg)
     if (cfg.get("model") or {}).get("_target_"):  # model=ensemble model.checkpoints=[...]
         return evaluate_ensemble(cfg)
+    checkpoint = checkpoints.read_checkpoint(cfg.ckpt_path)
+    run_cfg = OmegaConf.create(checkpoint["tailtune"]["config"])
+    run_cfg.paths = cfg.paths  # this eval's own dirs, not the training run's
+    run_cfg.data = eval_data_config(run_cfg.data, cfg.get("data"))
     run_dir = Path(cfg.paths.output_dir)
-    try:
-        checkpoint = checkpoints.read_checkpoint(cfg.ckpt_path)
-        run_cfg = OmegaConf.create(checkpoint["tailtune"]["config"])
-        run_cfg.paths = cfg.paths  # this eval's own dirs, not the training run's
-        run_cfg.data = eval_data_config(run_cfg.data, cfg.get("data"))
-        refuse_finished_run(run_dir)
-    except BaseException:
-        remove_empty_run_dir(run_dir)  # refused input leaves no run dir behind
-        raise
+    refuse_finished_run(run_dir)
     record = RunRecord(run_dir, rank_zero=trainer.is_rank_zero())  # DDP: rank zero writes
     record.start({"entry": "eval", "ckpt_path": str(cfg.ckpt_path)})
     try:

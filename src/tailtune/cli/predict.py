@@ -23,7 +23,6 @@ from tailtune.cli.config import (
     readable_config_errors,
     readable_errors,
     register_resolvers,
-    remove_empty_run_dir,
     save_hydra_files,
 )
 
@@ -44,15 +43,11 @@ def predict(cfg: DictConfig) -> dict:
     from tailtune.data.images import ImageFiles
     from tailtune.run_record import RunRecord, refuse_finished_run
 
+    configure_process(cfg)
+    checkpoint = read_checkpoint(cfg.ckpt_path)
+    files, labels = list_inputs(str(cfg.input), dataset_info(checkpoint).class_names)
     run_dir = Path(cfg.paths.output_dir)
-    try:
-        configure_process(cfg)
-        checkpoint = read_checkpoint(cfg.ckpt_path)
-        files, labels = list_inputs(str(cfg.input), dataset_info(checkpoint).class_names)
-        refuse_finished_run(run_dir)
-    except BaseException:
-        remove_empty_run_dir(run_dir)  # refused input leaves no run dir behind
-        raise
+    refuse_finished_run(run_dir)
     output = Path(cfg.output).expanduser() if cfg.get("output") else run_dir / "predictions.csv"
     record = RunRecord(run_dir)
     record.start({"entry": "predict", "ckpt_path": str(cfg.ckpt_path), "input": str(cfg.input)})
