@@ -243,8 +243,7 @@ class RunRecord:
             return
         self.lock.acquire()
         try:
-            if finished_metrics(self.run_dir) is not None:  # finished while this one waited
-                raise FileExistsError(f"{self.run_dir} already holds a finished run")
+            refuse_finished_run(self.run_dir)  # it may have finished while this one waited
             self.set_status("running")
             write_json(self.run_dir / "run.json", {
                 "git": git_state(), "packages": package_versions(), "argv": sys.argv,

@@ -342,14 +342,14 @@ def csv_datamodule(manifest: str | None = None, on_bad_image: str = "error",
     return ImbalancedDataModule(source, **datamodule)
 
 
-def _not_classes(labels: list[str], class_names: list[str], what: str, spec: str,
-                 way_out: str) -> ValueError | None:
-    """The error for labels that are not classes of the model, naming a few of each."""
+def _refuse_unknown_labels(labels: list[str], class_names: list[str], what: str, spec: str,
+                           way_out: str) -> None:
+    """Refuse labels that are not classes of the model, naming a few of each."""
     unknown = sorted(set(labels) - set(class_names))
     if not unknown:
-        return None
+        return
     many = len(unknown) > 1
-    return ValueError(f"input={spec}: {what}{'s' * many} {_listing(_sorted_labels(set(unknown)))} "
+    raise ValueError(f"input={spec}: {what}{'s' * many} {_listing(_sorted_labels(set(unknown)))} "
                       f"{'are not classes' if many else 'is not a class'} of "
                       f"the model (its classes: {_listing(list(class_names))}); {way_out}")
 
@@ -363,14 +363,12 @@ def _class_folder_labels(folder: Path, files: list[Path], class_names: list[str]
     subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not is_junk(p))
     if not set(subfolders) & set(class_names):
         return None
-    problem = _not_classes(subfolders, class_names, "sub-folder", spec,
+    _refuse_unknown_labels(subfolders, class_names, "sub-folder", spec,
                            "name every sub-folder after a class to score the images by "
                            f"folder, or give input='{spec.rstrip('/')}/**/*' to predict "
                            "without labels")
-    if problem:
-        raise problem
-    labels = [f.relative_to(folder).parts[0] if len(f.relative_to(folder).parts) > 1 else ""
-              for f in files]
+    parts = [f.relative_to(folder).parts for f in files]
+    labels = [p[0] if len(p) > 1 else "" for p in parts]
     loose = [str(f.relative_to(folder)) for f, label in zip(files, labels, strict=True)
              if not label]
     if loose:
@@ -392,11 +390,9 @@ def list_inputs(spec: str, class_names: list[str] | tuple[str, ...] | None = Non
         rows = read_manifest(path, require_label=False)
         labels = [label for _, label, _ in rows]
         if classes is not None and all(labels):
-            problem = _not_classes(labels, classes, "label", spec,
+            _refuse_unknown_labels(labels, classes, "label", spec,
                                    "fix the labels, or leave out the label column to predict "
                                    "without an accuracy")
-            if problem:
-                raise problem
         return [p for p, _, _ in rows], labels if all(labels) else None
     if path.is_dir():
         files, _ = _walk_files(path)
