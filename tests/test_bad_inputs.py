@@ -521,6 +521,24 @@ def test_a_basic_sweep_refuses_a_bad_job_before_any_job_runs(cli, tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
+def test_a_search_space_end_that_cannot_work_is_refused_before_the_study(cli, tmp_path):
+    """Optuna draws its trials as it goes: a space reaching model.unfreeze_at=5 with 2 epochs,
+    or an lr interval starting below 0, would end the study at the first trial that drew it
+    (after earlier trials trained). Each choice and each end of the space is checked first."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    code, err = cli("hparams_search=optuna_imbalance",
+                    "model.lr=interval(-1,1e-2)", multirun=True)
+    assert_one_readable_error(code, err, "model.unfreeze_at=5 must be < trainer.max_epochs=2")
+    assert "(search space value model.unfreeze_at=5)" in err
+    assert "model.lr must be > 0, got -1.0 (search space value model.lr=-1.0)" in err
+    assert "model.unfreeze_at=0" not in err and "loss=" not in err  # the ends that can work
+    assert not (tmp_path / "logs").exists()
+    # The command line narrows the space (the sweeper's merge: a key's last value wins).
+    code, err = cli("hparams_search=optuna_imbalance", "model.unfreeze_at=range(0,2)",
+                    "model.lr=interval(-1,1e-2)", multirun=True)
+    assert "unfreeze_at" not in err and "model.lr=-1.0" in err
+
+
 def test_a_sweep_that_varies_the_data_is_left_to_its_jobs():
     from omegaconf import OmegaConf
 

@@ -304,10 +304,15 @@ class EarlyChecks(Callback):
         local = choices.get("hydra/launcher", "basic") in LOCAL_LAUNCHERS
         try:
             check_config(config, choices, cross_keys=not sweep)
-            if sweep and local and choices.get("hydra/sweeper", "basic") == "basic":
-                # Every job, checked in full before the sweep dir exists: a bad value in
-                # job 5 would otherwise stop the sweep after jobs 0-4 ran.
-                problems = _sweep_job_problems(config)
+            basic = choices.get("hydra/sweeper", "basic") == "basic"
+            searched = not basic and (hydra_node.get("sweeper") or {}).get("params")
+            if sweep and local and (basic or searched):
+                # Every job (of a search, each end of its space), checked in full before the
+                # sweep dir exists: a bad value in job 5 would otherwise stop the sweep after
+                # jobs 0-4 ran, and a sampler's trial out of bounds stops its study.
+                problems = _sweep_job_problems(config, _basic_sweep_jobs(config), "sweep job") \
+                    if basic else _sweep_job_problems(config, _search_space_ends(config),
+                                                      "search space value")
                 if problems:
                     raise ConfigError("; ".join(problems))
             # Of the cross-key checks, a sweep's base config answers the data location for
@@ -373,26 +378,69 @@ def _swept_keys(config: DictConfig) -> set[str]:
             | {str(key) for key in params})
 
 
-def _sweep_job_problems(config: DictConfig) -> list[str]:
-    """The problems of each job of a basic sweep, composed as Hydra's sweeper will compose it
-    and checked as its run will be (types, ranges, cross-key checks, files); jobs sharing a
-    problem are named together."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+def _sweep_overrides(config: DictConfig) -> list[Any]:
+    """A sweep's overrides as its sweeper sees them: its search space, then the command line."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    loader = GlobalHydra.instance().config_loader()
     hydra_node = config.hydra
     params = [f"{key}={value}"
               for key, value in (hydra_node.sweeper.get("params") or {}).items()]
-    overrides = OverridesParser.create(config_loader=loader).parse_overrides(
+    return OverridesParser.create(
+        config_loader=GlobalHydra.instance().config_loader()).parse_overrides(
         [*params, *hydra_node.overrides.task])
+
+
+def _basic_sweep_jobs(config: DictConfig) -> list[tuple[str, list[str]]]:
+    """Each job of a basic sweep, named by its number and the values it sweeps."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
     swept = _swept_keys(config)
-    jobs: dict[str, list[str]] = {}  # problem -> the jobs that have it
-    batches = BasicSweeper.split_arguments(overrides, None)
+    batches = BasicSweeper.split_arguments(_sweep_overrides(config), None)
+    jobs = []
     for number, job in enumerate(job for batch in batches for job in batch):
+        values = " ".join(o for o in job if o.split("=", 1)[0].lstrip("+~") in swept)
+        jobs.append((f"{number} ({values})" if values else str(number), list(job)))
+    return jobs
+
+
+def _search_space_ends(config: DictConfig) -> list[tuple[str, list[str]]]:
+    """For a sweeper that samples its jobs (Optuna): each value of a choice and both ends of
+    a range or interval, the other keys at the base config's values. Bounds that cannot work
+    with the rest of the config (``model.unfreeze_at`` up to 5 with 2 epochs) are refused
+    before the study starts instead of ending it at the first trial that draws them."""
+    from hydra.core.override_parser.types import IntervalSweep, RangeSweep
+
+    # As the sweeper merges them: a key's last override wins, a fixed value leaves the space.
+    overrides = {o.get_key_element(): o for o in _sweep_overrides(config)}.values()
+    fixed = [o.input_line for o in overrides if not o.is_sweep_override()]
+    jobs = []
+    for override in (o for o in overrides if o.is_sweep_override()):
+        space = override.value()
+        if isinstance(space, IntervalSweep):
+            values = [str(space.start), str(space.end)]
+        else:
+            values = list(override.sweep_string_iterator())
+            values = values[:: max(len(values) - 1, 1)] if isinstance(space, RangeSweep) \
+                else values
+        key = override.get_key_element()
+        jobs.extend((f"{key}={value}", [*fixed, f"{key}={value}"])
+                    for value in values)
+    return jobs
+
+
+def _sweep_job_problems(config: DictConfig, jobs: list[tuple[str, list[str]]],
+                        what: str) -> list[str]:
+    """The problems of each of a sweep's ``(name, overrides)`` jobs, composed as the sweeper
+    will compose it and checked as its run will be (types, ranges, cross-key checks, files);
+    jobs sharing a problem are named together."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    named: dict[str, list[str]] = {}  # problem -> the jobs that have it
+    for name, job in jobs:
         try:
-            job_cfg = loader.load_sweep_config(config, list(job))
+            job_cfg = loader.load_sweep_config(config, job)
             check_config(job_cfg, dict(job_cfg.hydra.runtime.choices))
             continue
         except ConfigError as err:
@@ -401,11 +449,10 @@ def _sweep_job_problems(config: DictConfig) -> list[str]:
             problem = _override_error(err) or _unknown_option_error(err) or ""
             if not problem:
                 raise
-        values = " ".join(o for o in job if o.split("=", 1)[0].lstrip("+~") in swept)
-        jobs.setdefault(problem, []).append(f"{number} ({values})" if values else str(number))
-    return [f"{problem} (sweep job{'s' * (len(numbers) > 1)} {', '.join(numbers[:3])}"
-            f"{f' and {len(numbers) - 3} more' if len(numbers) > 3 else ''})"
-            for problem, numbers in jobs.items()]
+        named.setdefault(problem, []).append(name)
+    return [f"{problem} ({what}{'s' * (len(names) > 1)} {', '.join(names[:3])}"
+            f"{f' and {len(names) - 3} more' if len(names) > 3 else ''})"
+            for problem, names in named.items()]
 
 
 def _root_cause(err: BaseException) -> BaseException:
