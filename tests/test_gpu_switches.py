@@ -99,3 +99,22 @@ def test_compile_runs_the_training_step_through_the_configured_backend(smoke_cfg
     assert trainer.global_step == 1 and graphs, "the forward never went through the backend"
     _, base = build_experiment(base_cfg)
     assert set(model.state_dict()) == set(base.state_dict())  # no _orig_mod. prefixes
+
+
+@pytest.mark.parametrize(("overrides", "searched"), [
+    (("model.unfreeze_at=0",), False),  # the recipe: every parameter trains from step 0
+    (("model.unfreeze_at=1",), True),   # the frozen backbone gets no gradient in epoch 0
+    (("model=linear_probe",), True),    # a model that does not say: DDP searches
+])
+def test_ddp_searches_for_idle_parameters_only_when_the_model_has_them(smoke_cfg, tmp_path,
+                                                                       overrides, searched):
+    """DDP's unused-parameter search is an extra pass over the autograd graph each step, and
+    DDP warns when it finds nothing; a frozen backbone needs it (else DDP fails waiting for
+    gradients that never come)."""
+    cfg, _ = smoke_cfg("trainer=ddp_sim", *overrides)
+    _, model = build_experiment(cfg)
+    trainer = build_trainer(cfg, tmp_path / "run", loggers=[], model=model)
+    assert trainer.strategy._ddp_kwargs["find_unused_parameters"] is searched
+    # Evaluation (no model given, no backward pass) keeps the search on.
+    assert build_trainer(cfg, tmp_path / "ev", loggers=[]).strategy._ddp_kwargs[
+        "find_unused_parameters"] is True

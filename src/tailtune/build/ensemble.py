@@ -285,7 +285,7 @@ def _train_member(mcfg: DictConfig, sampler: Any
     data, model = build_experiment(mcfg, sampler, owner=f"member {mcfg.ensemble_member.name}")
     member_dir = Path(mcfg.paths.output_dir)
     trainer = build_trainer(mcfg, member_dir, training_callbacks(mcfg, data),
-                            build_loggers(mcfg))
+                            build_loggers(mcfg), model=model)
     trainer.fit(model, datamodule=data)
     fitted = final_metrics(trainer, model, data, test=False)  # loads the best weights
     fitted["best_checkpoint"] = publish_best_checkpoint(trainer, fitted["best_checkpoint"])
@@ -383,7 +383,8 @@ def _fit_joint(cfg: DictConfig, specs: list[tuple[str, DictConfig]],
     L.seed_everything(int(cfg.seed), workers=True)
     ensemble = make_ensemble(cfg.model, members, [n for n, _ in specs], images.info,
                              build_loss(cfg, images), combiner)
-    trainer = build_trainer(cfg, run_dir, training_callbacks(cfg, images), build_loggers(cfg))
+    trainer = build_trainer(cfg, run_dir, training_callbacks(cfg, images), build_loggers(cfg),
+                            model=ensemble)
     trainer.fit(ensemble, datamodule=images)
     callback = trainer.checkpoint_callback
     best = callback.best_model_path if callback is not None else ""

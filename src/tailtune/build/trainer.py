@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -22,6 +22,9 @@ from tailtune.callbacks import (
     SamplerEpoch,
 )
 from tailtune.callbacks import ProgressBar as TailtuneProgressBar
+
+if TYPE_CHECKING:
+    from tailtune.models.base import ClassifierModule
 
 # The final metrics every run reports to the loggers as hp/<metric> (TensorBoard's HParams).
 HP_METRICS = ("val/bal_acc", "test/bal_acc", "test/macro_f1", "test/acc")
@@ -54,11 +57,12 @@ def build_loggers(cfg: DictConfig, run_name: str = "") -> list[Logger]:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[L.Callback] = (),
-                  loggers: list[Logger] | None = None, whole_splits: bool = False
-                  ) -> L.Trainer:
+                  loggers: list[Logger] | None = None, whole_splits: bool = False,
+                  model: ClassifierModule | None = None) -> L.Trainer:
     """The configured Trainer. ``whole_splits``: validate and test on every batch, whatever
     ``trainer.limit_val_batches``/``limit_test_batches`` say (an ensemble's combiner is
-    fitted on the whole validation split)."""
+    fitted on the whole validation split). A DDP strategy's ``find_unused_parameters: auto``
+    asks ``model`` (the one it will fit) whether some of its parameters sit out some steps."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks.extend(extra_callbacks)
     if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar it can't show
@@ -69,10 +73,24 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[L.Callba
         callbacks.append(TailtuneProgressBar())
     whole = {"limit_val_batches": None, "limit_test_batches": None} if whole_splits else {}
     return instantiate(
-        cfg.trainer, callbacks=callbacks,
+        _unused_parameters_answered(cfg.trainer, model), callbacks=callbacks,
         logger=build_loggers(cfg) if loggers is None else loggers,
         default_root_dir=str(run_dir), _convert_="partial", **whole,
     )
+
+
+def _unused_parameters_answered(trainer: DictConfig, model: ClassifierModule | None
+                                ) -> DictConfig:
+    """The trainer config with DDP's ``find_unused_parameters: auto`` answered by the model:
+    the search costs an extra pass over the autograd graph every step, and DDP warns when it
+    finds nothing (the recipe trains every parameter from its first step). Without a model
+    (no backward pass: evaluation), the search stays on."""
+    strategy = trainer.get("strategy")
+    if not isinstance(strategy, DictConfig) or strategy.get("find_unused_parameters") != "auto":
+        return trainer
+    trainer = trainer.copy()
+    trainer.strategy.find_unused_parameters = model is None or model.some_parameters_idle
+    return trainer
 
 
 def training_callbacks(cfg: DictConfig, datamodule: Any) -> list[L.Callback]:

@@ -80,7 +80,7 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
                 datamodule.print_summary(console)
             fitter = trainer.build_trainer(
                 cfg, run_dir, trainer.training_callbacks(cfg, datamodule),
-                trainer.build_loggers(cfg, run_name=run_name(overrides)))
+                trainer.build_loggers(cfg, run_name=run_name(overrides)), model=model)
             trainer.log_hyperparameters(fitter.loggers,
                                         trainer.hyperparameters(cfg, choices or {}))
 

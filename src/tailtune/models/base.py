@@ -325,6 +325,13 @@ class ClassifierModule(L.LightningModule):
                 figure = confusion_figure(matrix.cpu(), self.info.class_names)
                 logger.experiment.add_figure(f"{stage}/confusion", figure, self.current_epoch)
 
+    @property
+    def some_parameters_idle(self) -> bool:
+        """Whether some trainable parameters get no gradient in some training steps (a frozen
+        backbone before it unfreezes): DDP must then look for them every step. True unless
+        a model knows otherwise."""
+        return True
+
     # -- post-hoc adjustment ------------------------------------------------------------
     @property
     def posthoc_steps(self) -> tuple[str, ...]:

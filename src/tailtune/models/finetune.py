@@ -7,8 +7,8 @@ Design (it avoids the known bugs of Lightning's ``BackboneFinetuning`` and timm'
   ``LearningRateMonitor`` and optimizer-state resume all keep working.
 - ``requires_grad`` is never flipped after construction (DDP would drop flipped weights from
   gradient averaging). The frozen backbone instead runs under ``no_grad``, so its weights get
-  no gradient, no weight decay and no optimizer state: they stay bit-identical. DDP strategies
-  therefore use ``find_unused_parameters=True``.
+  no gradient, no weight decay and no optimizer state: they stay bit-identical. DDP then
+  needs ``find_unused_parameters=True`` (``some_parameters_idle``: when ``unfreeze_at > 0``).
 - BatchNorm mode is enforced in ``train()``: Lightning calls ``.train()`` at fit start, which
   would otherwise set the frozen backbone's BatchNorm to update its running statistics.
 - All schedule state derives from ``current_epoch`` and the optimizer step count, both of which
@@ -152,6 +152,12 @@ class FineTuneModule(ClassifierModule):
         if self.tune == "bitfit" and not param_name.endswith("bias"):
             return False  # BitFit (Ben Zaken et al. 2022): only the biases of the backbone
         return any(param_name.startswith(p) for p in self.trainable_prefixes)
+
+    @property
+    def some_parameters_idle(self) -> bool:
+        """The frozen backbone runs under no_grad until ``unfreeze_at``; untrained parameters
+        (LoRA, BitFit, stages left out) have no ``requires_grad``, which DDP skips anyway."""
+        return self.unfreeze_at > 0
 
     @property
     def backbone_unfrozen(self) -> bool:
