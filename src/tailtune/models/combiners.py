@@ -82,6 +82,11 @@ class Combiner:
                              "was fitted on (cross-fitted)")
         return oof.clone()
 
+    def member_weights(self, members: int) -> Tensor:
+        """Each member's share of the combined scores, summing to 1 (what the ensemble's
+        prior is averaged with): equal, unless the combiner weighs its members."""
+        return torch.full((members,), 1.0 / members, dtype=torch.float64)
+
     def state(self) -> dict[str, Any]:
         """Fitted state as plain data (lists, floats), for ``weights_only`` checkpoints."""
         return {"name": self.name}
@@ -132,6 +137,13 @@ def weighted_vote(logits_per_member: Sequence[Tensor], weights: Sequence[float])
     return score.float()
 
 
+def _shares(weights: Sequence[float], members: int) -> Tensor:
+    w = torch.as_tensor(list(weights), dtype=torch.float64).clamp_min(0.0)
+    if len(w) != members:
+        raise ValueError(f"{len(w)} weights for {members} members")
+    return w / w.sum()
+
+
 class Majority(Combiner):
     """Hard vote: each member votes for its argmax."""
 
@@ -156,6 +168,10 @@ class Samme(Combiner):
         if sum(self.alphas) <= 0:  # every member at chance: fall back to a plain vote
             return weighted_vote(logits_per_member, [1.0] * len(logits_per_member))
         return weighted_vote(logits_per_member, self.alphas)
+
+    def member_weights(self, members: int) -> Tensor:
+        return _shares(self.alphas, members) if self.alphas is not None and \
+            sum(self.alphas) > 0 else super().member_weights(members)
 
     def state(self) -> dict[str, Any]:
         return {"name": self.name, "alphas": self.alphas}
@@ -264,6 +280,10 @@ class Weighted(Combiner):
         if len(self.weights) != len(probs):
             raise ValueError(f"{len(self.weights)} weights for {len(probs)} members")
         return self._scores(probs, self.weights).clamp_min(_FLOOR).log()
+
+    def member_weights(self, members: int) -> Tensor:
+        return _shares(self.weights, members) if self.weights is not None \
+            else super().member_weights(members)
 
     def state(self) -> dict[str, Any]:
         return {"name": self.name, "weights": self.weights, "val_bal_acc": self.val_bal_acc}

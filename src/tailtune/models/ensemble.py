@@ -88,7 +88,8 @@ class EnsembleModule(ClassifierModule):
     def members_log_prior(self) -> Tensor:
         """The prior left in the combined scores: what each member's own post-hoc step
         ``(z - tau log prior + b) / T`` leaves of its trained prior, averaged in log space
-        (exact for ``mean_logit``, and when members agree). Taking the members' trained priors
+        with the combiner's member weights (exact for ``mean_logit``, and when members agree;
+        a member weighted 0 leaves none of its prior). Taking the members' trained priors
         instead would remove a prior that a member with ``tau`` or ``b`` already removed.
         Uniform once a combiner fitted for balanced classes (stacking) has removed it."""
         if self.combiner_fitted and self.combiner.balances_prior:
@@ -96,7 +97,8 @@ class EnsembleModule(ClassifierModule):
         stacked = torch.stack([
             m.shift_and_scale(m.log_prior.detach().float(), m.posthoc_adjustment()).cpu()
             for m in self.members])
-        return stacked.mean(dim=0).log_softmax(dim=0)
+        weights = self.combiner.member_weights(len(self.members)).to(stacked)
+        return (weights[:, None] * stacked).sum(dim=0).log_softmax(dim=0)
 
     @property
     def has_smoothing_floor(self) -> bool:
