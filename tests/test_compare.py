@@ -18,7 +18,7 @@ from tailtune.report.compare import (
     paired_difference_bootstrap,
     summarize,
 )
-from tailtune.report.runs import drop_repeats, find_runs
+from tailtune.report.runs import drop_repeats, find_runs, tell_configs_apart
 
 SHARED = ["debug=smoke", "data.imbalance_ratio=20"]
 
@@ -149,6 +149,35 @@ def test_how_a_run_was_run_does_not_split_a_config(tmp_path):
     _run(root, "3", ["loss=focal", "seed=4", "loss=ce"], seed=4)  # the last value counts
     summaries = {s.key: s.n for s in summarize(find_runs(root), n_boot=20)}
     assert summaries == {"loss=ce": 3, "ckpt_path=/other/last.ckpt,loss=ce": 1}
+
+
+def test_runs_with_the_same_overrides_on_other_data_are_other_configs(tmp_path, capsys):
+    """A config file edited between sweeps (configs/local/default.yaml, TAILTUNE_CONFIG_DIR)
+    leaves the overrides alike: grouped by them alone, two datasets' runs were averaged
+    into one row, and the same seed on the other dataset was dropped as a repeat."""
+    import os
+
+    def run(sweep: str, seed: int, ratio: int, output: str) -> Path:
+        path = _run(tmp_path / sweep, f"{seed}_x", ["loss=ce", f"seed={seed}"], seed=seed)
+        (path / "config.yaml").write_text(
+            f"seed: {seed}\nthreads: {seed}\ndata:\n  imbalance_ratio: {ratio}\n"
+            f"logger:\n  save_dir: {output}\npaths:\n  output_dir: {output}\n")
+        os.utime(path / "status.json", (1_000 * seed + ratio, 1_000 * seed + ratio))
+        return path
+
+    run("a", 1, 10, "/a/1")
+    run("b", 1, 2, "/b/1")
+    run("b", 2, 2, "/b/2")  # another seed, thread count and output dir: the same config
+    runs = [r for sweep in ("a", "b") for r in find_runs(tmp_path / sweep)]
+    notes = tell_configs_apart(runs)
+    kept, repeats = drop_repeats(runs)
+    assert not repeats and len(notes) == 1 and "data.imbalance_ratio" in notes[0]
+    groups = {s.key: s.n for s in summarize(kept, n_boot=20)}
+    assert groups == {"loss=ce,data.imbalance_ratio=10": 1, "loss=ce,data.imbalance_ratio=2": 2}
+    compare_main([str(tmp_path / "a"), str(tmp_path / "b"), "--bootstrap", "20"])
+    out = capsys.readouterr().out
+    assert "2 configs, 3 runs" in out and "different configs:" in out
+    assert "repeat, not counted" not in out
 
 
 def test_a_repeat_counts_once_and_eval_dirs_not_at_all(tmp_path, capsys):

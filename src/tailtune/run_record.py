@@ -98,21 +98,11 @@ def refuse_finished_run(run_dir: Path) -> None:
                               "hydra.run.dir")
 
 
-def config_changes(run_dir: Path, config_text: str) -> list[str]:
-    """How ``config_text`` (the resolved config as ``config.yaml`` holds it) differs in what
-    it computes from the one an unfinished run in ``run_dir`` stored: ``key: stored -> new``
-    lines, empty when they agree or no run stored one. Keys that say how a run is run
-    (``resume``, ``threads``, ``paths``, ...) and ``ckpt_path`` may differ, and so may those
-    paths inside other values (a resume from another working directory)."""
-    import yaml
-
-    try:
-        stored = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return []
-    config = yaml.safe_load(config_text)  # parsed as the stored one is
-    if not isinstance(stored, dict) or not isinstance(config, dict):
-        return []
+def computed_config(config: dict[str, Any]) -> dict[str, Any]:
+    """What a resolved config (``config.yaml``, parsed) computes, flat (``model.lr``): without
+    the keys that say how a run is run (``resume``, ``threads``, ``paths``, ...) or
+    ``ckpt_path``, and with the config's own ``paths.*`` values inside other values (a
+    checkpoint or cache dir under the run dir or the log dir) named, not spelled out."""
 
     def flat(node: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(node, dict):
@@ -124,19 +114,30 @@ def config_changes(run_dir: Path, config_text: str) -> list[str]:
             out.update(flat(value, f"{prefix}{key}."))
         return out
 
-    def normalised(cfg: dict[str, Any]) -> dict[str, Any]:
-        """Flat, with the config's own ``paths.*`` values in other values (a checkpoint or
-        cache dir under the run dir or the log dir) named, not spelled out."""
-        paths = sorted(((str(v), f"<paths.{k}>") for k, v in (cfg.get("paths") or {}).items()
-                        if isinstance(v, str) and v), key=lambda p: -len(p[0]))
-        out = {}
-        for key, value in flat(cfg).items():
-            for path, name in paths if isinstance(value, str) else ():
-                value = value.replace(path, name)
-            out[key.rstrip(".")] = value
-        return out
+    paths = sorted(((str(v), f"<paths.{k}>") for k, v in (config.get("paths") or {}).items()
+                    if isinstance(v, str) and v), key=lambda p: -len(p[0]))
+    out = {}
+    for key, value in flat(config).items():
+        for path, name in paths if isinstance(value, str) else ():
+            value = value.replace(path, name)
+        out[key.rstrip(".")] = value
+    return out
 
-    old, new = normalised(stored), normalised(config)
+
+def config_changes(run_dir: Path, config_text: str) -> list[str]:
+    """How ``config_text`` (the resolved config as ``config.yaml`` holds it) differs in what
+    it computes (:func:`computed_config`) from the one an unfinished run in ``run_dir``
+    stored: ``key: stored -> new`` lines, empty when they agree or no run stored one."""
+    import yaml
+
+    try:
+        stored = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    config = yaml.safe_load(config_text)  # parsed as the stored one is
+    if not isinstance(stored, dict) or not isinstance(config, dict):
+        return []
+    old, new = computed_config(stored), computed_config(config)
     unset = "(not set)"
     changed = [key for key in old.keys() | new.keys() if old.get(key, unset) != new.get(key, unset)]
     changed.sort(key=lambda k: (k not in old or k not in new, k))  # changed values first

@@ -19,11 +19,12 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
 
     from tailtune.report import compare as agg
     from tailtune.report import plots
-    from tailtune.report.runs import drop_repeats, find_runs
+    from tailtune.report.runs import drop_repeats, find_runs, tell_configs_apart
 
     runs = [run for d in sweep_dirs for run in find_runs(d)]
     if not runs:
         raise FileNotFoundError(f"no runs found under {', '.join(map(str, sweep_dirs))}")
+    apart = tell_configs_apart(runs)  # across the dirs too
     runs, repeats = drop_repeats(runs)
     summaries = sorted(agg.summarize(runs, n_boot=n_boot, baseline=baseline),
                        key=lambda s: -s.mean.get(sort_by, float("-inf")))
@@ -53,6 +54,8 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
         console.print(f"[yellow]runs used different torch thread counts ({threads}):[/] on a "
                       "CPU the same config and seed can score a few points apart from that "
                       "alone (set threads=N for every run of a comparison)", soft_wrap=True)
+    for note in apart:
+        console.print("[yellow]different configs:[/] " + escape(note), soft_wrap=True)
     for run in repeats:
         console.print("[yellow]repeat, not counted[/] " + escape(
             f"{run.path}: the same config and seed ({run.seed}) as a newer run"))

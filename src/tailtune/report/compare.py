@@ -20,7 +20,7 @@ SHOTS = ("many_acc", "medium_acc", "few_acc")
 
 @dataclass
 class ConfigSummary:
-    parts: tuple[str, ...]  # the config's overrides (Run.config_parts; shortened by
+    parts: tuple[str, ...]  # the config's overrides (Run.config_key; shortened by
     runs: list[Run]         # strip_common_overrides to what differs between configs)
     mean: dict[str, float] = field(default_factory=dict)
     std: dict[str, float] = field(default_factory=dict)
@@ -167,13 +167,15 @@ def _load_predictions(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
 
 def summarize(runs: list[Run], n_boot: int = 1000, baseline: str | None = None
               ) -> list[ConfigSummary]:
-    """Finished runs grouped by config (overrides minus seed), with mean, std and CI; with
+    """Finished runs grouped by config (:attr:`Run.config_key`: overrides minus seed, and
+    resolved values where the same overrides computed different configs), with mean, std
+    and CI; with
     ``baseline`` (an override that names one config, e.g. ``experiment=lt_plain``) each other
     config's paired difference from it."""
     groups: dict[tuple[str, ...], list[Run]] = defaultdict(list)
     for run in runs:
         if run.status == "done" and run.metrics.get("test"):
-            groups[run.config_parts].append(run)
+            groups[run.config_key].append(run)
     summaries = []
     for parts, members in groups.items():
         summary = ConfigSummary(parts, members)

@@ -13,7 +13,13 @@ from typing import Any
 
 import yaml
 
-from tailtune.run_record import SEED_KEYS, is_config_override, says_how_to_run, selection_value
+from tailtune.run_record import (
+    SEED_KEYS,
+    computed_config,
+    is_config_override,
+    says_how_to_run,
+    selection_value,
+)
 
 
 def job_dir_hash(overrides: Sequence[str]) -> str:
@@ -37,6 +43,27 @@ class Run:
     error: str = ""
     wall_s: float | None = None  # the run's wall time (timings.json), for equal-time comparisons
     threads: int | None = None  # torch's CPU threads (timings.json): CPU numbers depend on it
+    # Resolved values that tell this run's config from another's with the same overrides
+    # (set by tell_configs_apart).
+    config_values: tuple[str, ...] = ()
+
+    @property
+    def config_key(self) -> tuple[str, ...]:
+        """The run's config as compare groups it: its overrides (:attr:`config_parts`), plus
+        any resolved values that tell it apart from runs with the same overrides."""
+        return self.config_parts + self.config_values
+
+    @cached_property
+    def computed(self) -> dict[str, Any] | None:
+        """What the run computed: its resolved ``config.yaml``, flat, without how it was run
+        or its seed (:func:`tailtune.run_record.computed_config`); None without one."""
+        try:
+            config = yaml.safe_load((self.path / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        if not isinstance(config, dict):
+            return None
+        return {k: v for k, v in computed_config(config).items() if k not in SEED_KEYS}
 
     @property
     def config_parts(self) -> tuple[str, ...]:
@@ -141,7 +168,40 @@ def find_runs(root: Path) -> list[Run]:
         runs.append(Run(run_dir, state, _overrides(run_dir, metrics), metrics,
                         status.get("error", ""), timings.get("wall_s"),
                         timings.get("torch_threads")))
+    tell_configs_apart(runs)
     return runs
+
+
+def tell_configs_apart(runs: list[Run], shown: int = 3) -> list[str]:
+    """Runs with the same overrides that computed different configs (a config file edited
+    between sweeps, another ``configs/local/default.yaml`` or ``TAILTUNE_CONFIG_DIR``) are
+    different configs: each gets the resolved values that differ (``config_values``, at most
+    ``shown`` of them, then a short hash of the rest). Returns one note per such set of runs.
+    Runs without a ``config.yaml`` keep their overrides alone."""
+    by_parts: dict[tuple[str, ...], list[Run]] = {}
+    for run in runs:
+        run.config_values = ()
+        if run.computed is not None:
+            by_parts.setdefault(run.config_parts, []).append(run)
+    notes = []
+    for parts, members in by_parts.items():
+        configs = [run.computed or {} for run in members]
+        keys = sorted({k for c in configs for k in c
+                       if len({repr(other.get(k, "(not set)")) for other in configs}) > 1})
+        if not keys:
+            continue
+        for run, config in zip(members, configs, strict=True):
+            values = [f"{k}={config.get(k, '(not set)')}" for k in keys[:shown]]
+            if len(keys) > shown:
+                rest = json.dumps({k: config.get(k) for k in keys[shown:]}, default=str)
+                values.append(f"+{len(keys) - shown} more keys "
+                              f"#{hashlib.sha1(rest.encode()).hexdigest()[:6]}")
+            run.config_values = tuple(values)
+        notes.append(f"runs with the same overrides ({', '.join(parts) or 'defaults'}) computed "
+                     f"different configs, shown apart: they differ in {', '.join(keys[:8])}"
+                     f"{' and more' if len(keys) > 8 else ''} (a config file changed between "
+                     "sweeps?)")
+    return notes
 
 
 def drop_repeats(runs: list[Run]) -> tuple[list[Run], list[Run]]:
@@ -153,7 +213,7 @@ def drop_repeats(runs: list[Run]) -> tuple[list[Run], list[Run]]:
     for run in runs:
         if run.status != "done" or not run.seed:
             continue
-        key = (run.config_parts, run.seed)
+        key = (run.config_key, run.seed)
         other = newest.get(key)
         if other is None:
             newest[key] = run
