@@ -613,3 +613,35 @@ def test_config_changes_ignore_how_a_run_runs_and_its_own_dir(tmp_path):
     other = same.replace("seed: 1", "seed: 2").replace("lr: 0.001", "lr: 0.01")
     assert config_changes(tmp_path, other) == ["model.lr: 0.001 -> 0.01", "seed: 1 -> 2"]
     assert config_changes(tmp_path / "none", other) == []  # no run there yet
+
+
+def test_a_finished_run_of_another_config_is_not_skipped_as_this_ones(cli, tmp_path):
+    """`resume=auto` skips a finished run and hands its metric on (to a sweeper, say): only
+    if it ran this config. Another config's result was returned as this one's, exit 0."""
+    from tailtune.build.config import config_yaml
+
+    run_dir = tmp_path / "done"
+    cfg, _ = compose_config("train", ["debug=smoke", f"paths.log_dir={tmp_path / 'logs'}"],
+                            run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(config_yaml(cfg))
+    (run_dir / "status.json").write_text('{"status": "done"}')
+    (run_dir / "metrics.json").write_text('{"val": {"bal_acc": 0.5}, "test": {}}')
+    code, err = cli(f"hydra.run.dir={run_dir}", "loss=focal", "resume=auto")
+    assert_one_readable_error(code, err, "holds a finished run of another config (loss.")
+    assert json.loads((run_dir / "metrics.json").read_text())["val"]["bal_acc"] == 0.5
+
+
+def test_eval_and_predict_never_write_into_another_runs_dir(tmp_path):
+    """In a killed training run's dir they marked it done and replaced its record; resume=auto
+    then skipped the run instead of finishing it. Their own fresh dir is fine."""
+    from tailtune.run_record import refuse_any_run
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "status.json").write_text('{"status": "failed"}')
+    with pytest.raises(FileExistsError, match="holds another run"):
+        refuse_any_run(killed)
+    fresh = tmp_path / "fresh"
+    (fresh / ".hydra").mkdir(parents=True)  # what Hydra made before the task ran
+    refuse_any_run(fresh)

@@ -125,3 +125,37 @@ def test_a_failed_run_names_its_dir_and_one_reason(tmp_path):
     assert len(errors) == 1 and "broken.png" in errors[0]
     assert "Traceback" not in result.stderr and not result.stdout.strip()
     assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
+
+
+def test_a_stopped_sweep_job_is_resumed_through_its_sweep_dir(tmp_path):
+    """A -m run ignores hydra.run.dir: the hint for a stopped sweep job started a new sweep
+    that ran every job again. A single run is resumed through its run dir."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict, read_write
+
+    from helpers import CONFIG_DIR
+    from tailtune.cli.config import resume_override
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        config = compose("train", overrides=[f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                         return_hydra_config=True)
+    try:
+        for mode, expected in ((RunMode.RUN, f"hydra.run.dir={tmp_path / 'job'}"),
+                               (RunMode.MULTIRUN, f"hydra.sweep.dir={tmp_path / 'sweep'}")):
+            with read_write(config.hydra), open_dict(config.hydra):
+                config.hydra.mode = mode
+            HydraConfig.instance().set_config(config)
+            assert resume_override(tmp_path / "job") == expected
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_a_resumed_run_keeps_its_tensorboard_run():
+    """How a run is run (resume=auto, threads, launcher) is not in its TensorBoard run's
+    name: the resumed half of a run went to a second run with an HParams entry of its own."""
+    from tailtune.build.config import run_name
+
+    assert run_name(["loss=focal", "seed=1", "resume=auto", "threads=1", "paths.log_dir=x"]) \
+        == run_name(["loss=focal", "seed=1"]) == "loss=focal,seed=1"

@@ -326,3 +326,20 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
     assert {"model.lr", "sampler", "loss"} <= set(best["best_params"])
     # Optuna's storage plugins and its colour codes stay out of the log.
     assert "alembic" not in result.stderr and "\x1b[" not in result.stderr
+
+
+def test_a_job_of_submitits_local_executor_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """submitit's local executor restarts a timed-out job with no restart count: the job
+    started again from epoch 0 in its own dir, past its interrupted.ckpt, until its retries
+    ran out."""
+    from tailtune.build.trainer import resume_checkpoint
+
+    saved = tmp_path / "checkpoints" / "interrupted.ckpt"
+    saved.parent.mkdir()
+    saved.write_bytes(b"")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    assert resume_checkpoint(None, tmp_path) is None  # a plain run starts fresh
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    assert resume_checkpoint(None, tmp_path) == str(saved)
+    assert resume_checkpoint(None, tmp_path / "fresh_job") is None

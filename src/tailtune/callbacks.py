@@ -202,7 +202,7 @@ class PreemptionCheckpoint(L.Callback):
       that was there before runs (submitit's or Lightning's, which requeue the job), or, with
       none, ``scontrol requeue $SLURM_JOB_ID`` and exit.
 
-    ``resume=auto`` (and a requeued SLURM job) picks the newest of this file, ``last.ckpt`` and
+    ``resume=auto`` (and a requeued job) picks the newest of this file, ``last.ckpt`` and
     Lightning's ``hpc_ckpt_N.ckpt``.
     """
 

@@ -257,15 +257,17 @@ def print_results(metrics: Mapping[str, Any], run_dir: str | Path,
     out.print(f"run dir: {run_dir}", soft_wrap=True, markup=False)
 
 
-def print_failure(run_dir: str | Path, err: BaseException, resumable: bool = False) -> None:
+def print_failure(run_dir: str | Path, err: BaseException, resume_with: str | None = None
+                  ) -> None:
     """A failed run's dir on stderr (rank zero only). An exception's own line follows from
     the entry point (``tailtune: error: ...``, or the traceback of a bug); a run stopped by a
-    signal or Ctrl-C gets its reason here, and, if ``resumable``, how to resume it."""
+    signal or Ctrl-C gets its reason here, and, given ``resume_with`` (the override that
+    points the same command at its dir), how to resume it."""
     if rank() != 0:
         return
     reason = "" if isinstance(err, Exception) else f": {one_line(err)}"
-    resume = (f"; to resume it, run the same command with hydra.run.dir={run_dir} resume=auto"
-              if resumable and reason else "")
+    resume = (f"; to resume it, run the same command with {resume_with} resume=auto"
+              if resume_with and reason else "")
     CONSOLE.print(Text(f"run failed{reason}; run dir: {run_dir}{resume}", style="bold red"),
                   soft_wrap=True)
 

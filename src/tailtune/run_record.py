@@ -92,9 +92,19 @@ def finished_metrics(run_dir: Path) -> dict[str, Any] | None:
 
 
 def refuse_finished_run(run_dir: Path) -> None:
-    """eval and predict never write into a dir that holds a finished run's results."""
+    """A dir that holds a finished run's results is never written into again."""
     if finished_metrics(run_dir) is not None:
         raise FileExistsError(f"{run_dir} already holds a finished run; choose another "
+                              "hydra.run.dir")
+
+
+def refuse_any_run(run_dir: Path) -> None:
+    """eval and predict write only into a dir of their own: in a killed training run's dir
+    they would mark it done and replace its record, and ``resume=auto`` would then skip
+    the run instead of finishing it."""
+    refuse_finished_run(run_dir)
+    if (Path(run_dir) / "status.json").exists():
+        raise FileExistsError(f"{run_dir} holds another run (status.json); choose another "
                               "hydra.run.dir")
 
 
@@ -144,9 +154,10 @@ def config_changes(run_dir: Path, config_text: str) -> list[str]:
     return [f"{key}: {old.get(key, unset)} -> {new.get(key, unset)}" for key in changed]
 
 
-def refuse_other_config(run_dir: Path, config_text: str) -> None:
+def refuse_other_config(run_dir: Path, config_text: str, finished: bool = False) -> None:
     """A run dir holds one config: resuming a killed run with other overrides (or none)
-    would finish it under another config, and overwrite its record of the first."""
+    would finish it under another config, and overwrite its record of the first; skipping a
+    ``finished`` one would hand its result on as this config's (to a sweeper, say)."""
     changes = config_changes(run_dir, config_text)
     if not changes:
         return
@@ -154,13 +165,17 @@ def refuse_other_config(run_dir: Path, config_text: str) -> None:
 
     import yaml
 
+    shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4
+                                      else "")
+    if finished:
+        raise FileExistsError(f"{run_dir} holds a finished run of another config ({shown}): "
+                              "its result is not this config's; choose another hydra.run.dir")
+
     try:
         started = yaml.safe_load((Path(run_dir) / ".hydra" / "overrides.yaml").read_text())
     except (OSError, yaml.YAMLError):
         started = None
     kept = [shlex.quote(str(o)) for o in started or [] if not says_how_to_run(str(o))]
-    shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4
-                                      else "")
     raise ValueError(
         f"{run_dir} holds an unfinished run of another config ({shown}). Resume it with the "
         f"overrides it was started with: tailtune-train {' '.join([*kept, ''])}"

@@ -18,6 +18,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from tailtune.run_record import says_how_to_run
+
 
 def _config_path() -> str:
     """Packaged configs after ``pip install .``; the repo's own ``configs/`` in a checkout
@@ -186,8 +188,9 @@ def run_name(overrides: list[str] | None) -> str:
     underscores; the exact overrides are in metrics.json)."""
     if not overrides:
         return ""
-    # Where outputs go (hydra.*, paths.*) is not what the run computes.
-    kept = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "paths."))]
+    # How a run is run (resume=auto, threads, launcher, hydra.*, paths.*) is not what it
+    # computes: a resumed run keeps writing to its own TensorBoard run.
+    kept = [o for o in overrides if not says_how_to_run(o)]
     if not kept:
         return ""
     name = ",".join(kept).replace("/", "_").replace(os.sep, "_")  # a slash would nest dirs

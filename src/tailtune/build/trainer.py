@@ -195,13 +195,18 @@ def reset_process_state(cfg: DictConfig) -> None:
 
 
 def requeued() -> bool:
-    """Whether this process is a SLURM job's requeued restart."""
+    """Whether this process may be a requeued job's restart: a SLURM job's (its restart
+    count), or any job of submitit's local executor, which restarts a timed-out job with no
+    count to tell (a fresh job's dir holds no checkpoint to resume from)."""
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local":
+        return True
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
 def resume_checkpoint(ckpt_path: str | None, run_dir: Path, auto: bool = False) -> str | None:
-    """An explicit path wins; with ``auto`` (or ``ckpt_path=auto``, or in a requeued SLURM
-    job), the newest of the run dir's last, interrupted and ``hpc_ckpt_*`` checkpoints."""
+    """An explicit path wins; with ``auto`` (or ``ckpt_path=auto``, or in a requeued job,
+    :func:`requeued`), the newest of the run dir's last, interrupted and ``hpc_ckpt_*``
+    checkpoints."""
     if ckpt_path not in (None, "auto"):
         return ckpt_path
     auto = auto or requeued()

@@ -638,6 +638,18 @@ def save_hydra_files(cfg: DictConfig, output_dir: str | Path) -> None:
         (folder / name).write_text(OmegaConf.to_yaml(node))
 
 
+def resume_override(run_dir: str | Path) -> str:
+    """The override that points the same command at a stopped run's dir: ``hydra.run.dir``;
+    in a multirun, which ignores that, ``hydra.sweep.dir``: rerun with ``resume=auto``, the
+    sweep finds its jobs' dirs again, skips the finished ones and resumes the others."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"hydra.sweep.dir={Path(str(HydraConfig.get().sweep.dir)).absolute()}"
+    return f"hydra.run.dir={run_dir}"
+
+
 def ddp_relaunch_as_single_run(output_dir: str) -> None:
     """Make Lightning's DDP re-launch start *this job*, not the whole sweep.
 

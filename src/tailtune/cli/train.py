@@ -14,6 +14,7 @@ from tailtune.cli.config import (
     readable_config_errors,
     readable_errors,
     register_resolvers,
+    resume_override,
     save_hydra_files,
 )
 
@@ -57,6 +58,8 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
         if cfg.get("resume") != "auto":
             raise FileExistsError(f"{run_dir} already holds a finished run; pass resume=auto "
                                   "to skip it, or choose another hydra.run.dir")
+        # Its result is this config's only if it ran this config.
+        refuse_other_config(run_dir, config_yaml(cfg), finished=True)
         console.print(f"[yellow]skipping finished run[/] {run_dir}")
         return selection_value(done, cfg.optimized_metric)
 
@@ -106,7 +109,7 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
         if record.rank_zero:
             results.withdraw_best_checkpoint(run_dir)
         record.fail(err)
-        output.print_failure(run_dir, err, resumable=True)
+        output.print_failure(run_dir, err, resume_with=resume_override(run_dir))
         if isinstance(err, SystemExit) and not err.code:  # Lightning's SIGTERM exit is code 0
             raise SystemExit(143) from err
         raise
