@@ -36,7 +36,8 @@ def evaluate(cfg: DictConfig) -> dict:
     run_cfg.paths = cfg.paths  # this eval's own dirs, not the training run's
     run_cfg.data = eval_data_config(run_cfg.data, cfg.get("data"))
     run_dir = Path(cfg.paths.output_dir)
-    refuse_any_run(run_dir)
+    if trainer.is_rank_zero():  # DDP's other ranks re-run this command in rank zero's dir
+        refuse_any_run(run_dir)
     record = RunRecord(run_dir, rank_zero=trainer.is_rank_zero())  # DDP: rank zero writes
     record.start({"entry": "eval", "ckpt_path": str(cfg.ckpt_path)})
     try:
@@ -76,7 +77,8 @@ def evaluate_ensemble(cfg: DictConfig) -> dict:
         raise ValueError("tailtune-eval builds only model=ensemble (from model.checkpoints); "
                          "evaluate a single model with ckpt_path=PATH")
     run_dir = Path(cfg.paths.output_dir)
-    refuse_any_run(run_dir)
+    if trainer.is_rank_zero():  # DDP's other ranks re-run this command in rank zero's dir
+        refuse_any_run(run_dir)
     record = RunRecord(run_dir, rank_zero=trainer.is_rank_zero())  # DDP: rank zero writes
     record.start({"entry": "eval_ensemble",
                   "checkpoints": [str(c) for c in cfg.model.get("checkpoints") or []]})
