@@ -82,11 +82,30 @@ def test_file_weights_round_trip(tmp_path):
     assert len(identity["sha256"]) == 16
 
 
-def test_file_weights_that_do_not_fit_are_refused(tmp_path):
+def test_file_weights_that_do_not_fit_are_refused_in_a_short_message(tmp_path):
     path = tmp_path / "other.pth"
     torch.save(timm.create_model("resnet18", num_classes=3).state_dict(), path)
-    with pytest.raises(BackboneError, match="do not fit"):
+    with pytest.raises(BackboneError, match="do not fit") as err:
         create_backbone("resnet34", "file", weights_path=str(path))
+    # resnet34 has more blocks: torch's message listed every key (thousands of characters).
+    assert "missing (layer1.2." in str(err.value) and len(str(err.value)) < 600
+
+
+def test_file_weights_in_efficientnet_pytorch_naming_load_as_the_packaged_ones(tmp_path):
+    """The packaged weights' own format, or a model fine-tuned with efficientnet_pytorch,
+    from a file: refused before (no timm key matched)."""
+    from tailtune.backbones import packaged_weights_file
+
+    packaged, _, _ = create_backbone("tf_efficientnet_lite0", "package", image_size=32)
+    path = tmp_path / "ep.pth"
+    state = torch.load(packaged_weights_file("tf_efficientnet_lite0"), weights_only=True)
+    torch.save({f"module.{k}": v for k, v in state.items()}, path)
+    model, _, identity = create_backbone("tf_efficientnet_lite0", "file", weights_path=str(path),
+                                         image_size=32)
+    for (name, ours), theirs in zip(model.state_dict().items(),
+                                    packaged.state_dict().values(), strict=True):
+        assert torch.equal(ours, theirs), name
+    assert identity["weights"] == "file"
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path):

@@ -201,12 +201,22 @@ def _load_headless(model: nn.Module, state: dict[str, Tensor], source: str) -> N
     """Load everything but the classifier, strictly: a missing backbone tensor is an error."""
     classifier = model.pretrained_cfg.get("classifier", "classifier")
     state = {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = str(err).splitlines()[:3]
-        message = f"weights from {source} do not fit the model: {' '.join(first)}"
-        raise BackboneError(message) from err
+    own = model.state_dict()
+    misfits = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+               if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+
+    def first(keys: list[str]) -> str:  # torch lists every key on one line: thousands of chars
+        return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+    problems = [f"{len(keys)} {what} ({first(keys)})" for what, keys in (
+        ("tensors of another shape", misfits), ("missing", missing),
+        ("unexpected", unexpected)) if keys]
+    if problems:
+        raise BackboneError(f"weights from {source} do not fit the model: "
+                            f"{'; '.join(problems)}. Is it another architecture's file?")
+    model.load_state_dict(state, strict=True)
 
 
 _OFFLINE_ERRORS = ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError",
@@ -275,7 +285,13 @@ def create_backbone(
         if not path.is_file():
             raise BackboneError(f"backbone.weights_path does not exist: {path}")
         model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-        _load_headless(model, _load_state_dict_file(path), str(path))
+        state = _load_state_dict_file(path)
+        if any(k.startswith(("_conv_stem.", "_blocks.")) for k in state):
+            # efficientnet_pytorch's naming (the packaged weights', a model fine-tuned with
+            # that library): renamed onto timm's, as the packaged weights are.
+            state = map_efficientnet_pytorch_keys(
+                {k: v for k, v in state.items() if not k.startswith("_fc.")}, model)
+        _load_headless(model, state, str(path))
         identity["sha256"] = _file_sha256(path)
     else:
         model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
