@@ -184,6 +184,20 @@ def test_every_feature_space_sampler_config_resamples_only_what_it_should(name):
     np.testing.assert_allclose(sampler.expected_class_counts(), counts, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["smote", "smote_tomek", "smote_enn"])
+def test_the_smote_family_over_samples_only_the_classes_its_strategy_names(name):
+    """SMOTE-Tomek and SMOTE-ENN dropped a dict strategy and raised every class to the
+    majority's count (their inner SMOTE was built with "auto"); cleaning only removes."""
+    features, labels = _features()
+    sampler = _sampler_factory(name)(features=features, labels=labels, seed=0, num_classes=3,
+                                     sampling_strategy={2: 16})
+    list(sampler)
+    counts = np.bincount(sampler.draw.labels.numpy(), minlength=3)
+    assert counts[0] <= 60 and counts[1] <= 20 and counts[2] <= 16
+    if name == "smote":
+        assert counts.tolist() == [60, 20, 16]
+
+
 def test_smote_redraws_per_epoch_from_seed_and_epoch_or_stays_fixed():
     features, labels = _features()
     per_epoch = _sampler_factory("smote")(features=features, labels=labels, seed=0, num_classes=3)

@@ -198,11 +198,13 @@ class ADASYNSampler(FeatureResampler):
 
 
 class _SMOTEThenClean(FeatureResampler):
-    """SMOTE, then a cleaning step; ``k_neighbors`` goes to the inner SMOTE."""
+    """SMOTE, then a cleaning step; ``k_neighbors`` and ``sampling_strategy`` go to the inner
+    SMOTE (imbalanced-learn reads the outer strategy only when it builds SMOTE itself)."""
 
     def _build(self, random_state: int) -> Any:
         params = dict(self.params)
-        smote = SMOTE(k_neighbors=params.pop("k_neighbors", 5), random_state=random_state)
+        smote = SMOTE(sampling_strategy=self.sampling_strategy,
+                      k_neighbors=params.pop("k_neighbors", 5), random_state=random_state)
         return self._imblearn(sampling_strategy=self.sampling_strategy, smote=smote,
                               random_state=random_state, **params)
 
