@@ -635,13 +635,15 @@ def test_a_finished_run_of_another_config_is_not_skipped_as_this_ones(cli, tmp_p
 def test_eval_and_predict_never_write_into_another_runs_dir(tmp_path):
     """In a killed training run's dir they marked it done and replaced its record; resume=auto
     then skipped the run instead of finishing it. Their own fresh dir is fine."""
-    from tailtune.run_record import refuse_any_run
+    from tailtune.run_record import RunRecord
 
     killed = tmp_path / "killed"
     killed.mkdir()
     (killed / "status.json").write_text('{"status": "failed"}')
     with pytest.raises(FileExistsError, match="holds another run"):
-        refuse_any_run(killed)
+        RunRecord(killed).start({"entry": "eval"}, own_dir=True)
+    assert json.loads((killed / "status.json").read_text())["status"] == "failed"
+    RunRecord(killed).start({"entry": "train"})  # the lock is free: the run can resume
     fresh = tmp_path / "fresh"
     (fresh / ".hydra").mkdir(parents=True)  # what Hydra made before the task ran
-    refuse_any_run(fresh)
+    RunRecord(fresh).start({"entry": "eval"}, own_dir=True)

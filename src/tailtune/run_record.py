@@ -254,12 +254,15 @@ class RunRecord:
     def metrics_path(self) -> Path:
         return self.run_dir / "metrics.json"
 
-    def start(self, extra: dict[str, Any] | None = None) -> None:
+    def start(self, extra: dict[str, Any] | None = None, own_dir: bool = False) -> None:
+        """Take the dir (rank zero only). ``own_dir`` (eval, predict): refuse a dir that holds
+        any other run, finished or not; else only a finished one."""
         if not self.rank_zero:
             return
         self.lock.acquire()
         try:
-            refuse_finished_run(self.run_dir)  # it may have finished while this one waited
+            # Checked under the lock: the dir's run may have finished while this one waited.
+            (refuse_any_run if own_dir else refuse_finished_run)(self.run_dir)
             self.set_status("running")
             write_json(self.run_dir / "run.json", {
                 "git": git_state(), "packages": package_versions(), "argv": sys.argv,

@@ -25,7 +25,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from tailtune import console
     from tailtune.build import checkpoints, data, models, results, trainer
     from tailtune.build.config import eval_data_config
-    from tailtune.run_record import RunRecord, refuse_any_run
+    from tailtune.run_record import RunRecord
 
     console.setup()
     trainer.configure_process(cfg)
@@ -36,10 +36,8 @@ def evaluate(cfg: DictConfig) -> dict:
     run_cfg.paths = cfg.paths  # this eval's own dirs, not the training run's
     run_cfg.data = eval_data_config(run_cfg.data, cfg.get("data"))
     run_dir = Path(cfg.paths.output_dir)
-    if trainer.is_rank_zero():  # DDP's other ranks re-run this command in rank zero's dir
-        refuse_any_run(run_dir)
     record = RunRecord(run_dir, rank_zero=trainer.is_rank_zero())  # DDP: rank zero writes
-    record.start({"entry": "eval", "ckpt_path": str(cfg.ckpt_path)})
+    record.start({"entry": "eval", "ckpt_path": str(cfg.ckpt_path)}, own_dir=True)
     try:
         if record.rank_zero:
             save_hydra_files(cfg, run_dir)
@@ -71,17 +69,16 @@ def evaluate_ensemble(cfg: DictConfig) -> dict:
     from tailtune.build import ensemble, trainer
     from tailtune.build.config import model_class
     from tailtune.build.results import withdraw_best_checkpoint
-    from tailtune.run_record import RunRecord, refuse_any_run
+    from tailtune.run_record import RunRecord
 
     if not model_class(cfg).is_ensemble:
         raise ValueError("tailtune-eval builds only model=ensemble (from model.checkpoints); "
                          "evaluate a single model with ckpt_path=PATH")
     run_dir = Path(cfg.paths.output_dir)
-    if trainer.is_rank_zero():  # DDP's other ranks re-run this command in rank zero's dir
-        refuse_any_run(run_dir)
     record = RunRecord(run_dir, rank_zero=trainer.is_rank_zero())  # DDP: rank zero writes
     record.start({"entry": "eval_ensemble",
-                  "checkpoints": [str(c) for c in cfg.model.get("checkpoints") or []]})
+                  "checkpoints": [str(c) for c in cfg.model.get("checkpoints") or []]},
+                 own_dir=True)
     try:
         if record.rank_zero:
             save_hydra_files(cfg, run_dir)

@@ -41,16 +41,16 @@ def predict(cfg: DictConfig) -> dict:
     from tailtune.console import track
     from tailtune.data.folders import list_inputs
     from tailtune.data.images import ImageFiles
-    from tailtune.run_record import RunRecord, refuse_any_run
+    from tailtune.run_record import RunRecord
 
     configure_process(cfg)
     checkpoint = read_checkpoint(cfg.ckpt_path)
     files, labels = list_inputs(str(cfg.input), dataset_info(checkpoint).class_names)
     run_dir = Path(cfg.paths.output_dir)
-    refuse_any_run(run_dir)
     output = Path(cfg.output).expanduser() if cfg.get("output") else run_dir / "predictions.csv"
     record = RunRecord(run_dir)
-    record.start({"entry": "predict", "ckpt_path": str(cfg.ckpt_path), "input": str(cfg.input)})
+    record.start({"entry": "predict", "ckpt_path": str(cfg.ckpt_path), "input": str(cfg.input)},
+                 own_dir=True)
     try:
         save_hydra_files(cfg, run_dir)
         model = model_from_checkpoint(checkpoint).to(choose_device(cfg.device)).eval()
