@@ -54,16 +54,21 @@ class Run:
         return self.config_parts + self.config_values
 
     @cached_property
-    def computed(self) -> dict[str, Any] | None:
-        """What the run computed: its resolved ``config.yaml``, flat, without how it was run
-        or its seed (:func:`tailtune.run_record.computed_config`); None without one."""
+    def config(self) -> dict[str, Any] | None:
+        """The run's resolved ``config.yaml``; None without one."""
         try:
             config = yaml.safe_load((self.path / "config.yaml").read_text())
         except (OSError, yaml.YAMLError):
             return None
-        if not isinstance(config, dict):
+        return config if isinstance(config, dict) else None
+
+    @property
+    def computed(self) -> dict[str, Any] | None:
+        """What the run computed: its config, flat, without how it was run or its seed
+        (:func:`tailtune.run_record.computed_config`)."""
+        if self.config is None:
             return None
-        return {k: v for k, v in computed_config(config).items() if k not in SEED_KEYS}
+        return {k: v for k, v in computed_config(self.config).items() if k not in SEED_KEYS}
 
     @property
     def config_parts(self) -> tuple[str, ...]:
@@ -97,11 +102,7 @@ class Run:
                 return value
         if self.metrics.get("seed") is not None:
             return str(self.metrics["seed"])
-        config = self.path / "config.yaml"
-        try:
-            seed = (yaml.safe_load(config.read_text()) or {}).get("seed")
-        except (OSError, yaml.YAMLError, AttributeError):
-            seed = None
+        seed = (self.config or {}).get("seed")
         return "" if seed is None else str(seed)
 
 
@@ -186,8 +187,8 @@ def tell_configs_apart(runs: list[Run], shown: int = 3) -> list[str]:
     notes = []
     for parts, members in by_parts.items():
         configs = [run.computed or {} for run in members]
-        keys = sorted({k for c in configs for k in c
-                       if len({repr(other.get(k, "(not set)")) for other in configs}) > 1})
+        keys = sorted(k for k in {k for c in configs for k in c}
+                      if len({repr(c.get(k, "(not set)")) for c in configs}) > 1)
         if not keys:
             continue
         for run, config in zip(members, configs, strict=True):
