@@ -315,6 +315,19 @@ def test_class_folders_must_agree_across_splits(tmp_path, layout, error, match):
         _folder_dm(tmp_path)
 
 
+def test_one_class_is_refused_before_any_image_is_decoded(tmp_path, monkeypatch):
+    """It stopped only when the model was built, after every image was checked and decoded,
+    with "need at least 2 classes" and no word of the data."""
+    write_digit_folder(tmp_path, {"train": {3: 6}})
+    monkeypatch.setattr(images_module, "check_image", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(ValueError, match="has one class folder \\(3\\): a classifier needs"):
+        ImageFolderSource(str(tmp_path)).load()
+    manifest = tmp_path / "one.csv"
+    manifest.write_text("path,label\nx.png,cat\ny.png,cat\n")
+    with pytest.raises(ValueError, match="has one label \\(cat\\)"):
+        CsvManifestSource(str(manifest)).load()
+
+
 def test_bad_roots_and_empty_classes_are_one_line_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.root does not exist"):
         ImageFolderSource(str(tmp_path / "absent")).load()
@@ -388,8 +401,13 @@ def test_image_modes_all_become_rgb_with_their_colours(tmp_path):
     palette.info["transparency"] = 1
     rgba = Image.fromarray(np.full((8, 8, 4), (10, 20, 30, 0), np.uint8), "RGBA")
     deep = Image.fromarray(np.full((8, 8), 257 * 200, np.uint16))  # 16-bit grayscale
+    # A dark 16-bit image is dark: scaled by its mode, not its own values (250 came out as
+    # 250 and 260 as 1 when only values above 255 were taken for 16-bit data).
+    dark = Image.fromarray(np.full((8, 8), 250, np.uint16))
+    unit = Image.fromarray(np.full((8, 8), 0.5, np.float32))  # floats in 0..1 (mode F)
     cases = {"gray.png": (gray, (100, 100, 100)), "palette.png": (palette, (255, 0, 0)),
              "rgba.png": (rgba, (10, 20, 30)), "deep.png": (deep, (200, 200, 200)),
+             "dark.png": (dark, (1, 1, 1)), "unit.tif": (unit, (128, 128, 128)),
              "bw.bmp": (Image.new("1", (8, 8), 1), (255, 255, 255))}
     for name, (image, colour) in cases.items():
         image.save(tmp_path / name)

@@ -219,6 +219,9 @@ class ImageFolderSource(_CheckedFileSource):
                 raise ValueError(f"{folder} has no class folders (expected {folder}/<class>/"
                                  "<images>)")
         class_names = classes["train"]
+        if len(class_names) < 2:  # before any image is checked or decoded
+            raise ValueError(f"{split_dirs['train']} has one class folder ({class_names[0]}): "
+                             "a classifier needs at least 2 classes")
         for split in ("val", "test"):
             if split not in classes:
                 continue
@@ -275,6 +278,9 @@ class CsvManifestSource(_CheckedFileSource):
             raise FileNotFoundError(f"data.manifest does not exist: {manifest}")
         rows = read_manifest(manifest, require_label=True)
         class_names = _sorted_labels({label for _, label, _ in rows})
+        if len(class_names) < 2:
+            raise ValueError(f"{manifest} has one label ({class_names[0]}): a classifier needs "
+                             "at least 2 classes")
         index = {name: i for i, name in enumerate(class_names)}
         entries = [_Entry(split, index[label], path) for path, label, split in rows]
         entries.sort(key=lambda e: (["train", "val", "test"].index(e.split), e.label))

@@ -34,7 +34,7 @@ IMAGE_SUFFIXES = frozenset({
     ".webp", ".avif", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k", ".ico", ".qoi",
 })
 CHECK_VERSION = 2  # bump when check_image's verdicts change, to re-check cached files
-DECODE_VERSION = "1"  # bump when decode_image's output changes, to invalidate decoded caches
+DECODE_VERSION = "2"  # bump when decode_image's output changes, to invalidate decoded caches
 
 
 def is_junk(path: Path) -> bool:
@@ -49,8 +49,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if image.mode.startswith("I") or image.mode == "F":
         values = np.asarray(image, dtype=np.float64)
-        if values.max(initial=0) > 255:  # 16-bit data (I;16 PNGs, TIFFs): 65535 -> 255
+        # Scaled by what the mode holds, never by an image's own values (a dark 16-bit scan
+        # would come out bright, and brightness would flip between images of one set):
+        # integers are 16-bit data (I;16 PNGs and TIFFs, which PIL may open as I),
+        # 65535 -> 255; floats are 0..1 if they fit there, else 0..255.
+        if image.mode.startswith("I"):
             values = values / 257.0
+        elif values.size and values.min() >= 0.0 and values.max() <= 1.0:
+            values = values * 255.0
         gray = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), mode="L")
         return gray.convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
