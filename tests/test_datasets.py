@@ -569,8 +569,9 @@ def test_other_arrays_of_the_same_shape_get_another_split_fingerprint():
 
 
 def test_a_manifest_naming_missing_files_lists_them(tmp_path):
-    write_digit_folder(tmp_path, {"all": {0: 3}})
-    rows = [f"../all/0/{i:03d}.png,zero" for i in range(3)] + ["../all/0/gone.png,zero"]
+    write_digit_folder(tmp_path, {"all": {0: 3, 1: 3}})
+    rows = [f"../all/{c}/{i:03d}.png,{name}" for c, name in ((0, "zero"), (1, "one"))
+            for i in range(3)] + ["../all/0/gone.png,zero"]
     with pytest.raises(ValueError, match="1 unreadable image.*gone.png \\(FileNotFoundError"):
         CsvManifestSource(str(_manifest(tmp_path, rows, "path,label"))).load()
 
