@@ -328,6 +328,15 @@ def test_one_class_is_refused_before_any_image_is_decoded(tmp_path, monkeypatch)
         CsvManifestSource(str(manifest)).load()
 
 
+def test_a_symlink_loop_in_a_class_folder_is_named(tmp_path):
+    """os.walk followed it 40 levels deep, pulled other classes' images into the class and
+    ended in a 1,000-character "unreadable image"."""
+    write_digit_folder(tmp_path, {"train": {0: 4, 1: 4}})
+    (tmp_path / "train" / "0" / "up").symlink_to("..")
+    with pytest.raises(ValueError, match="train/0/up is a symlink loop"):
+        ImageFolderSource(str(tmp_path)).load()
+
+
 def test_bad_roots_and_empty_classes_are_one_line_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.root does not exist"):
         ImageFolderSource(str(tmp_path / "absent")).load()

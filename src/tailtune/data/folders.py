@@ -74,6 +74,12 @@ def _walk_files(folder: Path) -> tuple[list[Path], list[Path]]:
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         hidden = [d for d in dirnames if d.startswith(".")]  # .ipynb_checkpoints, .git, ...
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = Path(os.path.realpath(dirpath))
+        for d in dirnames:  # a link to a folder above it: os.walk would go round 40 times
+            target = Path(os.path.realpath(Path(dirpath) / d))
+            if target == here or target in here.parents:
+                raise ValueError(f"{Path(dirpath) / d} is a symlink loop (it points to "
+                                 f"{target}, a folder above it); remove it")
         junk.extend(Path(dirpath) / d for d in hidden)
         for name in sorted(filenames):
             (junk if is_junk(Path(name)) else files).append(Path(dirpath) / name)
