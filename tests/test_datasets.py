@@ -328,6 +328,14 @@ def test_one_class_is_refused_before_any_image_is_decoded(tmp_path, monkeypatch)
         CsvManifestSource(str(manifest)).load()
 
 
+def test_an_image_above_pillows_pixel_limit_is_called_too_large(tmp_path, monkeypatch):
+    """Pillow's guard said "could be decompression bomb DOS attack" of a large photo."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    Image.new("L", (2100, 1000)).save(tmp_path / "panorama.png")
+    reason = check_image(tmp_path / "panorama.png")
+    assert reason.startswith("too large to decode (2 megapixels, above Pillow's limit of 2)")
+
+
 def test_a_symlink_loop_in_a_class_folder_is_named(tmp_path):
     """os.walk followed it 40 levels deep, pulled other classes' images into the class and
     ended in a 1,000-character "unreadable image"."""

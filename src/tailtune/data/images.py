@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ IMAGE_SUFFIXES = frozenset({
     ".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".gif", ".bmp", ".dib", ".tif", ".tiff",
     ".webp", ".avif", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k", ".ico", ".qoi",
 })
-CHECK_VERSION = 2  # bump when check_image's verdicts change, to re-check cached files
+CHECK_VERSION = 3  # bump when check_image's verdicts change, to re-check cached files
 DECODE_VERSION = "2"  # bump when decode_image's output changes, to invalidate decoded caches
 
 
@@ -179,6 +180,11 @@ def check_image(path: Path) -> str | None:
                 image.load()
     except UnidentifiedImageError:
         return unidentified_reason(path)
+    except Image.DecompressionBombError as err:  # Pillow's guard against hostile files
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(pixels.group(1)) / 1e6:.0f} megapixels, " if pixels else ""
+        return (f"too large to decode ({size}above Pillow's limit of "
+                f"{2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f}): downscale it")
     except Exception as err:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError...
         return f"{type(err).__name__}: {str(err).strip() or 'unreadable'}"
     return None
