@@ -62,7 +62,7 @@ class Run:
             return None
         return config if isinstance(config, dict) else None
 
-    @property
+    @cached_property
     def computed(self) -> dict[str, Any] | None:
         """What the run computed: its config, flat, without how it was run or its seed
         (:func:`tailtune.run_record.computed_config`)."""
@@ -186,7 +186,7 @@ def tell_configs_apart(runs: list[Run], shown: int = 3) -> list[str]:
             by_parts.setdefault(run.config_parts, []).append(run)
     notes = []
     for parts, members in by_parts.items():
-        configs = [run.computed or {} for run in members]
+        configs = [run.computed for run in members]
         keys = sorted(k for k in {k for c in configs for k in c}
                       if len({repr(c.get(k, "(not set)")) for c in configs}) > 1)
         if not keys:
