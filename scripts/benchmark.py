@@ -100,7 +100,7 @@ def linear_probe_benchmark() -> ModuleType | None:
 
 
 class Quiet:
-    """Send stderr (rich config trees, Lightning's chatter) to /dev/null for a while."""
+    """Send stderr (config lines, rich tables, Lightning's chatter) to /dev/null for a while."""
 
     def __enter__(self) -> None:
         self.saved, sys.stderr = sys.stderr, open(os.devnull, "w")  # noqa: SIM115

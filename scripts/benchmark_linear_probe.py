@@ -130,7 +130,7 @@ def main() -> None:
     root = args.out or Path(tempfile.mkdtemp(prefix="tailtune-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     os.environ["COLUMNS"] = "100"
-    quiet = open(os.devnull, "w")  # noqa: SIM115 - the rich config tree and tables go here
+    quiet = open(os.devnull, "w")  # noqa: SIM115 - the config lines and rich tables go here
     report: dict[str, Any] = {"epochs": args.epochs, "repeats": args.repeats, "compare": []}
 
     print(f"linear probe, {args.epochs} epochs, digits_lt, lite0; runs under {root}", flush=True)

@@ -57,7 +57,15 @@ def test_smoke_run_says_each_thing_once_and_ends_with_the_results_table(smoke_ru
     assert not repeated, repeated
     for noise in NOISE:
         assert noise not in output, noise
-    assert result.stderr.count("├── trainer:") == 1  # the config tree, once
+    # The config as a few lines (the whole tree is print_config=full), saved where it says.
+    assert "├── trainer:" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == ("config: data=digits_lt transforms=none backbone=efficientnet_lite0 "
+                        "model=finetune sampler=none loss=ce trainer=cpu logger=tensorboard "
+                        "launcher=basic debug=smoke")  # no combiner (read by ensembles only)
+    assert lines[1] == f"set: paths.log_dir={run_dir.parents[1]} optimized_metric=val/macro_f1"
+    assert lines[2] == f"resolved config: {run_dir / 'config.yaml'}"
+    assert (run_dir / "config.yaml").is_file()
     assert "figures off (model.log_figures=false, set by debug=smoke)" in result.stderr
     assert "Trainer.fit` stopped" in result.stderr  # Lightning's own lines still come, once
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -124,6 +132,8 @@ def test_a_failed_run_names_its_dir_and_one_reason(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("tailtune: error:")]
     assert len(errors) == 1 and "broken.png" in errors[0]
     assert "Traceback" not in result.stderr and not result.stdout.strip()
+    # The reason is not buried: the config is three lines above it, not a 130-line tree.
+    assert len(result.stderr.strip().splitlines()) <= 8, result.stderr
     assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
 
 
@@ -159,3 +169,21 @@ def test_a_resumed_run_keeps_its_tensorboard_run():
 
     assert run_name(["loss=focal", "seed=1", "resume=auto", "threads=1", "paths.log_dir=x"]) \
         == run_name(["loss=focal", "seed=1"]) == "loss=focal,seed=1"
+
+
+def test_the_config_header_names_what_was_chosen_and_full_prints_the_tree(smoke_cfg, tmp_path):
+    from rich.tree import Tree
+
+    from tailtune.build.config import config_summary
+
+    overrides = ["model=ensemble", "+data.root=/data/x", "seed=3"]
+    cfg, choices = smoke_cfg(*overrides)
+    lines = config_summary(cfg, choices, overrides, tmp_path / "config.yaml")
+    assert lines[0].startswith("config: data=digits_lt ") and " combiner=mean_prob " in lines[0]
+    assert lines[1:] == ["set: +data.root=/data/x seed=3",
+                         f"resolved config: {tmp_path / 'config.yaml'}"]
+    cfg, choices = smoke_cfg("print_config=full")
+    tree, *lines = config_summary(cfg, choices, ["print_config=full"], tmp_path / "c.yaml")
+    assert isinstance(tree, Tree)
+    assert any(child.label.code.startswith("trainer:") for child in tree.children)
+    assert lines[0].startswith("config: ") and lines[1] == "set: print_config=full"

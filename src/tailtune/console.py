@@ -35,7 +35,7 @@ from rich.text import Text
 
 T = TypeVar("T")
 
-# Diagnostics (logs, warnings, progress, the config tree, the data summary) go to stderr,
+# Diagnostics (logs, warnings, progress, the config lines, the data summary) go to stderr,
 # through rich's global console: Lightning's progress bars (tailtune.callbacks.ProgressBar)
 # and rich progress displays without a console of their own draw on it too, so a log line
 # printed during a bar appears above it.

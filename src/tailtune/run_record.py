@@ -32,7 +32,7 @@ SEED_KEYS = ("seed",)
 # ckpt_path=<file> is not among them: it can warm-start (ckpt_path=auto resumes the run's own
 # state: says_how_to_run).
 HOW_RUN = ("resume", "threads", "launcher", "logger", "keep_freed_memory", "requeue_signal",
-           "paths", "hydra")
+           "print_config", "paths", "hydra")
 
 
 def _top_key(override: str) -> str:

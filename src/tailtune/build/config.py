@@ -183,6 +183,33 @@ def config_tree(cfg: DictConfig) -> Any:
     return tree
 
 
+def _is_group_choice(group: str, choices: dict[str, Any], cfg: DictConfig) -> bool:
+    """A group worth a word in the run's header: chosen, and not Hydra's own, the per-user
+    settings, or a ``default`` option (paths, callbacks) that no one swaps to compare."""
+    if choices.get(group) in (None, "default") or group in ("hydra", "local") or \
+            group.startswith(("hydra/", "local/")):
+        return False
+    return group != "combiner" or model_class(cfg).is_ensemble  # read by ensembles only
+
+
+def config_summary(cfg: DictConfig, choices: dict[str, Any], overrides: list[str],
+                   saved_to: Path) -> list[Any]:
+    """What the console shows of the config: a few lines in place of the whole config (each
+    group's option, the other values the command line set, where the resolved config is
+    saved), after the whole tree with ``print_config=full``. Lines, not a table: printed
+    soft-wrapped, a path stays whole to copy."""
+    groups = [f"{group}={choices[group]}" for group in reversed(list(choices))
+              if _is_group_choice(group, choices, cfg)]
+    chosen = {f"{group}={option}" for group, option in choices.items()}
+    values = [o for o in overrides if o.lstrip("+~") not in chosen]
+    lines: list[Any] = [config_tree(cfg)] if cfg.get("print_config") == "full" else []
+    lines.append(f"config: {' '.join(groups)}")
+    if values:
+        lines.append(f"set: {' '.join(values)}")
+    lines.append(f"resolved config: {saved_to}")
+    return lines
+
+
 def run_name(overrides: list[str] | None) -> str:
     """A TensorBoard run name from the job's overrides, safe as a dir name (slashes become
     underscores; the exact overrides are in metrics.json)."""

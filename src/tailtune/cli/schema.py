@@ -302,6 +302,7 @@ TRAIN: Table = {
     "requeue_signal": Text(null=True),
     **PROCESS,
     "correct_prior_for_sampler": BOOL,
+    "print_config": choice("summary", "full"),
     "subsample": Int(1, null=True, null_means="all images"),  # debug=smoke: 64
 }
 EVAL: Table = {

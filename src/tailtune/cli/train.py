@@ -38,7 +38,7 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
     from tailtune import console as output
     from tailtune.build import checkpoints, ensemble, models, results, trainer
     from tailtune.build.config import (
-        config_tree,
+        config_summary,
         config_yaml,
         model_class,
         run_name,
@@ -72,7 +72,9 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
         trainer.reset_process_state(cfg)  # joblib reuses worker processes between jobs
         record.save_config(config_yaml(cfg))
         if record.rank_zero:  # once, not once per DDP rank
-            console.print(config_tree(cfg))
+            for item in config_summary(cfg, choices or {}, overrides or [],
+                                       run_dir / "config.yaml"):
+                console.print(item, soft_wrap=isinstance(item, str), markup=False)
             note_disabled_figures(cfg, choices or {})
 
         if model_class(cfg).is_ensemble:  # members, then a combiner fitted on val
