@@ -67,6 +67,10 @@ def test_smoke_run_says_each_thing_once_and_ends_with_the_results_table(smoke_ru
     assert lines[2] == f"resolved config: {run_dir / 'config.yaml'}"
     assert (run_dir / "config.yaml").is_file()
     assert "figures off (model.log_figures=false, set by debug=smoke)" in result.stderr
+    epochs = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"]
+    log = (run_dir / "train.log").read_text()
+    assert all(line in log for line in epochs)  # the run's log keeps them
     assert "Trainer.fit` stopped" in result.stderr  # Lightning's own lines still come, once
     metrics = json.loads((run_dir / "metrics.json").read_text())
     _assert_results_table(result.stdout, metrics, run_dir)

@@ -21,7 +21,12 @@ from tailtune.cli.train import train
 BAR = ("Testing", "Validation", "it/s")  # what a rich progress bar of Lightning's shows
 
 
-def test_eval_and_ensemble_eval_draw_their_progress_bars_on_stderr(smoke_cfg, tmp_path, capfd):
+def test_eval_and_ensemble_eval_draw_their_progress_bars_on_stderr(smoke_cfg, tmp_path, capfd,
+                                                                   monkeypatch):
+    import rich.console
+
+    # As on a terminal: elsewhere the bar is off (a file would get only its last frame).
+    monkeypatch.setattr(rich.console.Console, "is_terminal", property(lambda self: True))
     cfg, choices = smoke_cfg()
     train(cfg, choices)
     best = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
@@ -126,3 +131,21 @@ def test_debug_overfit_prints_no_warning_about_what_it_asked_for(tmp_path):
     shown = [str(w.message) for w in caught if not console.is_noise(str(w.message))]
     assert not [m for m in shown if "not the configured" in m or "logging interval" in m
                 or "requested to overfit" in m], shown
+
+
+def test_off_a_terminal_the_bar_is_off_and_each_epoch_is_one_log_line(smoke_cfg, capfd,
+                                                                      caplog):
+    """A cluster job's log file got a bar's last frame (wrapped over three lines) and nothing
+    while it trained; it now gets a line per epoch. An epoch that did not
+    validate shows no validation metric (the bar's last value would be an older epoch's)."""
+    cfg, choices = smoke_cfg("trainer.enable_progress_bar=true", "trainer.max_epochs=3",
+                             "+trainer.check_val_every_n_epoch=2")
+    with caplog.at_level(logging.INFO, logger="tailtune"):
+        train(cfg, choices)
+    err = capfd.readouterr().err
+    assert not [word for word in BAR if word in err], err
+    lines = [line for line in caplog.messages if line.startswith("epoch ")]
+    assert [line.split(" (")[0].split(":")[0] for line in lines] == [
+        "epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert "val/" not in lines[0] and "val/" not in lines[2]
+    assert lines[1].startswith("epoch 2/3: train/loss ") and ", val/bal_acc 0." in lines[1]

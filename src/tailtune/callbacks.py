@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import shutil
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 from weakref import proxy
@@ -263,7 +265,9 @@ class PreemptionCheckpoint(L.Callback):
 
 class ProgressBar(RichProgressBar):
     """Lightning's rich progress bar on stderr, on tailtune's console (so log lines print above
-    it), without ``v_num`` (the logger's version: a sweep's job name, shown cut off).
+    it), without ``v_num`` (the logger's version: a sweep's job name, shown cut off). Off where
+    stderr is no terminal (a cluster job's log file, a sweep job's redirected output): a file
+    gets only a bar's last frame; :class:`EpochLog`'s lines say how far the run is.
 
     :func:`tailtune.build.trainer.build_trainer` adds one to any trainer whose config names no
     progress bar: Lightning's default bar would draw on stdout, with the results."""
@@ -275,7 +279,52 @@ class ProgressBar(RichProgressBar):
         super().__init__(*args, console_kwargs={**CONSOLE_SETTINGS, **(console_kwargs or {})},
                          **kwargs)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from tailtune.console import CONSOLE
+
+        super().setup(trainer, pl_module, stage)
+        if not CONSOLE.is_terminal:
+            self.disable()
+
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+
+class EpochLog(L.Callback):
+    """One log line per training epoch, after its validation: the metrics a progress bar
+    shows, and the epoch's time. The run's ``train.log`` keeps them, and they are all a cluster
+    job's log file shows of its progress. Validation metrics only for an epoch that validated
+    (``check_val_every_n_epoch``): the bar would show the last ones again."""
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        self._validated = False
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.monotonic()
+        self._validated = False
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validated = self._validated or not trainer.sanity_checking
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = {key: value for key, value in trainer.progress_bar_metrics.items()
+                   if key != "v_num" and (self._validated or not key.startswith("val"))}
+        logging.getLogger("tailtune").info(epoch_line(
+            trainer.current_epoch, trainer.max_epochs, metrics, time.monotonic() - self._started))
+
+
+def epoch_line(epoch: int, max_epochs: int | None, metrics: dict[str, Any],
+               seconds: float) -> str:
+    """``epoch 3/15: train/loss 0.4120, val/bal_acc 0.8710 (12 s)``, epochs counted from 1,
+    training metrics first."""
+    of = f"/{max_epochs}" if max_epochs and max_epochs > 0 else ""
+    keys = sorted(metrics, key=lambda key: not key.startswith("train"))
+    shown = ", ".join(f"{key} {metrics[key]:.4f}" if isinstance(metrics[key], float)
+                      else f"{key} {metrics[key]}" for key in keys)
+    took = f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    return f"epoch {epoch + 1}{of}: {shown or 'no metrics'} ({took})"
