@@ -377,8 +377,7 @@ def test_non_image_files_are_skipped_and_counted(tmp_path):
         "train/0/.DS_Store", "train/1/Thumbs.db", "train/1/labels.csv", "train/1/notes.txt"]
     assert dm.skipped["outside a class folder"] == ["test/README.txt"]
     assert sum(len(dm.split_indices[s]) for s in ("train", "val", "test")) == 18
-    caption = str(dm.summary_table().caption)
-    assert "skipped 4 file(s): not an image" in caption
+    assert "skipped 4 file(s): not an image" in dm.summary_notes()
 
 
 def test_broken_images_stop_the_run_at_setup_listing_every_one(tmp_path):

@@ -365,10 +365,13 @@ class ImbalancedDataModule(L.LightningDataModule):
 
         return sampled_class_counts(self.train_sampler, self.info.class_counts, epoch)
 
+    def summary_title(self) -> str:
+        return f"{self.info.name}: imbalance ratio {self.info.imbalance_ratio:.1f} (train)"
+
     def summary_table(self) -> Table:
-        """Per-class counts per split, the training imbalance ratio, and what was skipped."""
+        """Per-class counts per split."""
         info = self.info
-        table = Table(title=f"{info.name}: imbalance ratio {info.imbalance_ratio:.1f} (train)")
+        table = Table()
         table.add_column("class")
         for split in SPLITS:
             label = "val (= test)" if split == "val" and self.val_is_test else split
@@ -379,17 +382,26 @@ class ImbalancedDataModule(L.LightningDataModule):
         for c, name in enumerate(info.class_names):
             table.add_row(name, *(str(per_split[s][c]) for s in SPLITS))
         table.add_row("total", *(str(per_split[s].sum()) for s in SPLITS), style="bold")
+        return table
+
+    def summary_notes(self) -> list[str]:
+        """How the images are held, and what was subsampled or skipped."""
         notes = [f"images {self.decoded} at {self.image_size} px"]
         if self.subsample:
             notes.append(f"subsampled to about {self.subsample} images per split (subsample)")
-        notes += [f"skipped {len(files)} file(s): {why}" for why, files in self.skipped.items()]
-        table.caption = "; ".join(notes)
-        return table
+        return notes + [f"skipped {len(files)} file(s): {why}"
+                        for why, files in self.skipped.items()]
 
     def print_summary(self, console: Console | None = None) -> None:
+        """The title and notes as lines around the class table (as its title and caption
+        they were wrapped to the table's width)."""
         from tailtune.console import CONSOLE  # stderr, with the other diagnostics
 
-        (console or CONSOLE).print(self.summary_table())
+        console = console or CONSOLE
+        console.print(self.summary_title(), soft_wrap=True, markup=False)
+        console.print(self.summary_table())
+        for note in self.summary_notes():
+            console.print(note, soft_wrap=True, markup=False)
 
     # -- loaders ---------------------------------------------------------------------------
     def _loader(self, split: str, sampler: Sampler[int] | None = None) -> DataLoader:

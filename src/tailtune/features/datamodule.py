@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
-from rich.table import Table
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -296,9 +295,6 @@ class FeatureDataModule(L.LightningDataModule):
     def train_class_counts(self, epoch: int) -> np.ndarray:
         """Expected class counts of ``epoch``'s training rows (after any resampling)."""
         return sampled_class_counts(self.train_sampler, self.info.class_counts, epoch)
-
-    def summary_table(self) -> Table:
-        return self.images.summary_table()
 
     def print_summary(self, console: Console | None = None) -> None:
         self.images.print_summary(console)
