@@ -647,3 +647,19 @@ def test_a_broken_image_fails_the_cli_before_training_in_one_line(tmp_path):
     assert "1 unreadable image(s)" in line and "train/1/cut.jpg" in line
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.json"))
+
+
+def test_random_erasing_blacks_out_one_rectangle_of_the_expected_size():
+    torch.manual_seed(0)
+    image = torch.full((3, 32, 32), 200, dtype=torch.uint8)
+    erased = [flip_crop(32, padding=0, hflip=0.0, erasing=1.0)(image) for _ in range(50)]
+    for out in erased:
+        zero = (out == 0).all(0)
+        rows, cols = zero.any(1).nonzero().flatten(), zero.any(0).nonzero().flatten()
+        height, width = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+        assert int(zero.sum()) == height * width  # one solid rectangle, on every channel
+        assert 0.02 * 1024 - 32 <= height * width <= 0.33 * 1024 + 32  # torchvision's scale
+        assert ((out == 0) | (out == 200)).all()
+    assert torch.equal(flip_crop(32, padding=0, hflip=0.0, erasing=0.0)(image), image)
+    with pytest.raises(ValueError, match=r"transforms.erasing must be a probability"):
+        randaugment(32, erasing=1.5)

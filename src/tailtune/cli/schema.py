@@ -516,6 +516,7 @@ TRANSFORMS: Table = {
     "padding": Int(0),
     "scale": any_of(ListOf(Float(0, 1)), null=True),
     "hflip": Float(0, 1),
+    "erasing": Float(0, 1),
     "num_ops": Int(0),
     "magnitude": Int(0, 30),
 }

@@ -25,17 +25,28 @@ def _crop(image_size: int, padding: int, scale: Sequence[float] | None) -> list[
     return [v2.RandomCrop(image_size, padding=padding)] if padding else []
 
 
+def _erase(erasing: float) -> list[v2.Transform]:
+    """Random erasing (Zhong et al., AAAI 2020) with probability ``erasing``: one rectangle of
+    2-33 % of the image set to 0."""
+    if not 0 <= erasing <= 1:
+        raise ValueError(f"transforms.erasing must be a probability in [0, 1], got {erasing}")
+    # value 0: black, the background of clothing and digit images (Zhong et al. used noise).
+    return [v2.RandomErasing(p=erasing, value=0)] if erasing else []
+
+
 def flip_crop(image_size: int, padding: int = 4, scale: Sequence[float] | None = None,
-              hflip: float = 0.5) -> v2.Compose:
+              hflip: float = 0.5, erasing: float = 0.0) -> v2.Compose:
     """The CIFAR recipe (He et al. 2016): zero-pad by ``padding``, random crop back to size,
     horizontal flip. With ``scale`` (e.g. ``[0.35, 1]``) a random-resized crop instead, for
-    photos."""
-    return v2.Compose([*_crop(image_size, padding, scale), v2.RandomHorizontalFlip(hflip)])
+    photos; with ``erasing`` > 0, random erasing last."""
+    return v2.Compose([*_crop(image_size, padding, scale), v2.RandomHorizontalFlip(hflip),
+                       *_erase(erasing)])
 
 
 def randaugment(image_size: int, num_ops: int = 2, magnitude: int = 9, padding: int = 4,
-                scale: Sequence[float] | None = None, hflip: float = 0.5) -> v2.Compose:
+                scale: Sequence[float] | None = None, hflip: float = 0.5,
+                erasing: float = 0.0) -> v2.Compose:
     """Crop and flip as :func:`flip_crop`, then RandAugment (Cubuk et al. 2020; N=2, M=9 is
     timm's ``rand-m9-n2``, used by PaCo and BCL on CIFAR-LT)."""
     return v2.Compose([*_crop(image_size, padding, scale), v2.RandomHorizontalFlip(hflip),
-                       v2.RandAugment(num_ops=num_ops, magnitude=magnitude)])
+                       v2.RandAugment(num_ops=num_ops, magnitude=magnitude), *_erase(erasing)])
