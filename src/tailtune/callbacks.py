@@ -266,8 +266,9 @@ class PreemptionCheckpoint(L.Callback):
 class ProgressBar(RichProgressBar):
     """Lightning's rich progress bar on stderr, on tailtune's console (so log lines print above
     it), without ``v_num`` (the logger's version: a sweep's job name, shown cut off). Off where
-    stderr is no terminal (a cluster job's log file, a sweep job's redirected output): a file
-    gets only a bar's last frame; :class:`EpochLog`'s lines say how far the run is.
+    stderr is neither a terminal nor a notebook (a cluster job's log file, a sweep job's
+    redirected output): a file gets only a bar's last frame; :class:`EpochLog`'s lines say
+    how far the run is.
 
     :func:`tailtune.build.trainer.build_trainer` adds one to any trainer whose config names no
     progress bar: Lightning's default bar would draw on stdout, with the results."""
@@ -280,10 +281,10 @@ class ProgressBar(RichProgressBar):
                          **kwargs)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from tailtune.console import CONSOLE
+        from tailtune.console import draws_live
 
         super().setup(trainer, pl_module, stage)
-        if not CONSOLE.is_terminal:
+        if not draws_live():
             self.disable()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:

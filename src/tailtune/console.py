@@ -9,8 +9,9 @@
 - **Noise.** :data:`NOISE` lists library lines that tell a user nothing (Lightning's tips,
   torch's pytree deprecation, "modules in eval mode" for a backbone frozen on purpose, ...);
   real warnings stay.
-- **Progress.** :func:`track` draws a progress bar over an iterable, on a terminal and on rank
-  zero only, for every step outside Lightning's loops that can take seconds.
+- **Progress.** :func:`track` draws a progress bar over an iterable, on a terminal or in a
+  notebook (:func:`draws_live`) and on rank zero only, for every step outside Lightning's
+  loops that can take seconds.
 - **Results.** :func:`results_table` / :func:`print_results`: the final val and test metrics
   and the run dir, on stdout (diagnostics stay on stderr, so ``> result.txt`` keeps results).
 
@@ -189,6 +190,12 @@ def setup() -> None:
 
 
 # -- progress ------------------------------------------------------------------------------
+def draws_live() -> bool:
+    """Whether stderr can show a live display: a terminal or a notebook. A file (a cluster
+    job's log) gets only a display's last frame. ``TTY_COMPATIBLE=1`` forces it on."""
+    return CONSOLE.is_terminal or CONSOLE.is_jupyter
+
+
 def _live_elsewhere() -> bool:
     return bool(getattr(CONSOLE, "_live_stack", None))
 
@@ -198,7 +205,7 @@ def track(iterable: Iterable[T], description: str, total: int | None = None) -> 
     rank zero, and when no other live display is up; otherwise just the items."""
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
-    if total == 0 or not CONSOLE.is_terminal or rank() != 0 or _live_elsewhere():
+    if total == 0 or not draws_live() or rank() != 0 or _live_elsewhere():
         yield from iterable
         return
     from rich.progress import (
