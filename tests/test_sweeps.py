@@ -90,6 +90,14 @@ def test_joblib_sweep_and_seed_aggregation_match_each_runs_metrics(tmp_path):
     assert len(jobs) == 6 and all((j / "metrics.json").is_file() for j in jobs)
     run_cfg = (jobs[0] / "config.yaml").read_text()
     assert "threads: 1" in run_cfg  # 2 cores / 2 jobs
+    # Two jobs print at once: each of tailtune's lines names its job, as Hydra's launch lines do.
+    for number, job in enumerate(jobs):
+        assert f"\t#{number} : " in result.stderr
+        assert f"#{number} resolved config: {job / 'config.yaml'}\n" in result.stderr
+        assert f"#{number} epoch 2/2: train/loss " in result.stderr
+        assert f"#{number} run dir: {job}\n" in result.stdout
+    stray = [line for line in result.stderr.splitlines() if line.startswith(("epoch", "config:"))]
+    assert not stray, stray
 
     from tailtune.report.compare import strip_common_overrides, summarize
     from tailtune.report.runs import find_runs

@@ -20,6 +20,7 @@ Nothing here imports torch: Hydra imports this module while configuring logging.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -59,6 +60,26 @@ NOISE = tuple(re.compile(pattern) for pattern in (
     r"^Loaded model weights from the checkpoint at ",
     r"^You requested to overfit but enabled \w+ dataloader shuffling",  # debug=overfit's aim
 ))
+
+
+# A sweep job's mark before each line it prints ("#3 ", Hydra's job number, as its launch line
+# names the job): a joblib sweep's jobs print at once, and their lines could not be told apart.
+_job_mark = ""
+
+
+@contextlib.contextmanager
+def job_mark(mark: str) -> Iterator[None]:
+    """Mark each line printed inside with ``mark`` (see :func:`marked`)."""
+    global _job_mark
+    previous, _job_mark = _job_mark, mark
+    try:
+        yield
+    finally:
+        _job_mark = previous
+
+
+def marked(text: str) -> str:
+    return f"{_job_mark}{text}"
 
 
 def rank() -> int:
@@ -126,7 +147,7 @@ class ConsoleHandler(logging.Handler):
                 self._shown.add(text)
             style = self.STYLES[min(record.levelno, logging.ERROR)] \
                 if record.levelno >= logging.WARNING else ""
-            CONSOLE.print(Text(text, style=style), soft_wrap=True)
+            CONSOLE.print(Text(marked(text), style=style), soft_wrap=True)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 
@@ -258,10 +279,11 @@ def print_results(metrics: Mapping[str, Any], run_dir: str | Path,
     if rank() != 0:
         return
     out = Console(highlight=False)
-    table = results_table(metrics, title)
-    if table is not None:
-        out.print(table)
-    out.print(f"run dir: {run_dir}", soft_wrap=True, markup=False)
+    table = results_table(metrics, marked(title))
+    with out:  # one write: another sweep job's output does not land between table and dir
+        if table is not None:
+            out.print(table)
+        out.print(marked(f"run dir: {run_dir}"), soft_wrap=True, markup=False)
 
 
 def print_failure(run_dir: str | Path, err: BaseException, resume_with: str | None = None
@@ -275,8 +297,8 @@ def print_failure(run_dir: str | Path, err: BaseException, resume_with: str | No
     reason = "" if isinstance(err, Exception) else f": {one_line(err)}"
     resume = (f"; to resume it, run the same command with {resume_with} resume=auto"
               if resume_with and reason else "")
-    CONSOLE.print(Text(f"run failed{reason}; run dir: {run_dir}{resume}", style="bold red"),
-                  soft_wrap=True)
+    CONSOLE.print(Text(marked(f"run failed{reason}; run dir: {run_dir}{resume}"),
+                       style="bold red"), soft_wrap=True)
 
 
 def one_line(err: BaseException) -> str:

@@ -469,28 +469,42 @@ def _one_line(err: BaseException) -> str:
     return text.splitlines()[0] if type(err).__name__ == "InstantiationException" else text
 
 
+def sweep_job_mark() -> str:
+    """``"#3 "`` in job 3 of a sweep (Hydra's number, as its launch line names the
+    job), else ``""``: what marks this job's console lines (tailtune.console.job_mark)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return ""
+    return f"#{HydraConfig.get().job.num} "
+
+
 def readable_errors(fn: Callable[..., T]) -> Callable[..., T]:
     """Turn bad input into one readable line and exit code 2, unless TAILTUNE_DEBUG=1. A task
     that fails before writing anything leaves no run dir (Hydra made it before the task)."""
 
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig, *args: Any, **kwargs: Any) -> T:
+        from tailtune.console import job_mark, marked
+
         _release_hydra_errors()  # the config composed: Hydra reports the rest as usual
-        try:
+        with job_mark(sweep_job_mark()):
             try:
-                return fn(cfg, *args, **kwargs)
-            except BaseException:
-                remove_empty_run_dir(Path(str(cfg.paths.output_dir)))
-                raise
-        except (ValueError, OSError, FloatingPointError, LookupError, RuntimeError,
-                InstantiationException) as err:
-            if os.environ.get("TAILTUNE_DEBUG") == "1":
-                raise
-            if isinstance(_root_cause(err), RuntimeError):
-                raise  # a real bug: keep the traceback
-            print(f"tailtune: error: {_one_line(err)}", file=sys.stderr)
-            print("(set TAILTUNE_DEBUG=1 to see the traceback)", file=sys.stderr)
-            sys.exit(2)
+                try:
+                    return fn(cfg, *args, **kwargs)
+                except BaseException:
+                    remove_empty_run_dir(Path(str(cfg.paths.output_dir)))
+                    raise
+            except (ValueError, OSError, FloatingPointError, LookupError, RuntimeError,
+                    InstantiationException) as err:
+                if os.environ.get("TAILTUNE_DEBUG") == "1":
+                    raise
+                if isinstance(_root_cause(err), RuntimeError):
+                    raise  # a real bug: keep the traceback
+                print(marked(f"tailtune: error: {_one_line(err)}"), file=sys.stderr)
+                print(marked("(set TAILTUNE_DEBUG=1 to see the traceback)"), file=sys.stderr)
+                sys.exit(2)
 
     return wrapper
 

@@ -60,7 +60,7 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
                                   "to skip it, or choose another hydra.run.dir")
         # Its result is this config's only if it ran this config.
         refuse_other_config(run_dir, config_yaml(cfg), finished=True)
-        console.print(f"[yellow]skipping finished run[/] {run_dir}")
+        console.print(output.marked(f"[yellow]skipping finished run[/] {run_dir}"))
         return selection_value(done, cfg.optimized_metric)
 
     refuse_other_config(run_dir, config_yaml(cfg))
@@ -72,9 +72,13 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
         trainer.reset_process_state(cfg)  # joblib reuses worker processes between jobs
         record.save_config(config_yaml(cfg))
         if record.rank_zero:  # once, not once per DDP rank
-            for item in config_summary(cfg, choices or {}, overrides or [],
-                                       run_dir / "config.yaml"):
-                console.print(item, soft_wrap=isinstance(item, str), markup=False)
+            with console:  # one write, whole beside another sweep job's output
+                for item in config_summary(cfg, choices or {}, overrides or [],
+                                           run_dir / "config.yaml"):
+                    if isinstance(item, str):
+                        console.print(output.marked(item), soft_wrap=True, markup=False)
+                    else:
+                        console.print(item)
             note_disabled_figures(cfg, choices or {})
 
         if model_class(cfg).is_ensemble:  # members, then a combiner fitted on val

@@ -395,13 +395,14 @@ class ImbalancedDataModule(L.LightningDataModule):
     def print_summary(self, console: Console | None = None) -> None:
         """The title and notes as lines around the class table (as its title and caption
         they were wrapped to the table's width)."""
-        from tailtune.console import CONSOLE  # stderr, with the other diagnostics
+        from tailtune.console import CONSOLE, marked  # stderr, with the other diagnostics
 
         console = console or CONSOLE
-        console.print(self.summary_title(), soft_wrap=True, markup=False)
-        console.print(self.summary_table())
-        for note in self.summary_notes():
-            console.print(note, soft_wrap=True, markup=False)
+        with console:  # one write, whole beside another sweep job's output
+            console.print(marked(self.summary_title()), soft_wrap=True, markup=False)
+            console.print(self.summary_table())
+            for note in self.summary_notes():
+                console.print(marked(note), soft_wrap=True, markup=False)
 
     # -- loaders ---------------------------------------------------------------------------
     def _loader(self, split: str, sampler: Sampler[int] | None = None) -> DataLoader:
