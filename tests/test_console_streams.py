@@ -149,3 +149,18 @@ def test_off_a_terminal_the_bar_is_off_and_each_epoch_is_one_log_line(smoke_cfg,
         "epoch 1/3", "epoch 2/3", "epoch 3/3"]
     assert "val/" not in lines[0] and "val/" not in lines[2]
     assert lines[1].startswith("epoch 2/3: train/loss ") and ", val/bal_acc 0." in lines[1]
+
+
+def test_live_displays_need_a_terminal_and_a_process_of_their_own(monkeypatch):
+    import multiprocessing
+
+    import rich.console
+
+    monkeypatch.setattr(rich.console.Console, "is_terminal", property(lambda self: True))
+    assert console.draws_live()
+    # A joblib sweep's job: a pool worker, beside others on the same terminal.
+    monkeypatch.setattr(multiprocessing, "parent_process", lambda: object())
+    assert not console.draws_live()
+    monkeypatch.setattr(rich.console.Console, "is_terminal", property(lambda self: False))
+    monkeypatch.setattr(multiprocessing, "parent_process", lambda: None)
+    assert not console.draws_live()

@@ -212,9 +212,13 @@ def setup() -> None:
 
 # -- progress ------------------------------------------------------------------------------
 def draws_live() -> bool:
-    """Whether stderr can show a live display: a terminal or a notebook. A file (a cluster
-    job's log) gets only a display's last frame. ``TTY_COMPATIBLE=1`` forces it on."""
-    return CONSOLE.is_terminal or CONSOLE.is_jupyter
+    """Whether stderr can show a live display: a terminal or a notebook (``TTY_COMPATIBLE=1``
+    forces it), in a process of its own. A file (a cluster job's log) gets only a display's
+    last frame; a pool's worker (a joblib sweep's job) shares the terminal with its siblings,
+    whose displays would draw over its own."""
+    import multiprocessing
+
+    return (CONSOLE.is_terminal or CONSOLE.is_jupyter) and multiprocessing.parent_process() is None
 
 
 def _live_elsewhere() -> bool:
