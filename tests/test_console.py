@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import run_cli
 
@@ -113,6 +114,14 @@ def test_eval_ends_with_the_test_table_of_its_own_metrics(smoke_run, tmp_path):
     (eval_dir,) = (tmp_path / "logs" / "runs").iterdir()
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert "val" not in metrics
+    # What is scored, first: the best epoch counted from 1, as the training run's lines count.
+    best = run_dir / "checkpoints" / "best.ckpt"
+    epoch = torch.load(best, map_location="cpu", weights_only=False)["epoch"] + 1
+    assert f"epoch {epoch}/2: " in (run_dir / "train.log").read_text()
+    confusion = (eval_dir / "test_confusion.csv").read_text().splitlines()[1:]
+    n = sum(int(v) for row in confusion for v in row.split(",")[1:])
+    assert result.stderr.startswith(f"scoring {best} (FineTuneModule, after epoch {epoch}) on "
+                                    f"the test split of digits: {n} images")
     _assert_results_table(result.stdout, metrics, eval_dir)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -44,6 +45,11 @@ def evaluate(cfg: DictConfig) -> dict:
         datamodule = data.build_datamodule(run_cfg)
         checkpoints.check_same_split(checkpoints.dataset_info(checkpoint), datamodule.info)
         model = models.model_from_checkpoint(checkpoint)
+        epoch = checkpoint.get("epoch")  # 0-based; the epoch lines count from 1
+        logging.getLogger("tailtune").info(
+            "scoring %s (%s%s) on the %s split of %s: %d images", cfg.ckpt_path,
+            type(model).__name__, "" if epoch is None else f", after epoch {epoch + 1}",
+            cfg.split, datamodule.info.name, len(datamodule.datasets[cfg.split]))
         tester = trainer.build_trainer(cfg, run_dir, whole_splits=True)  # reported: whole
         if cfg.split == "val":
             tester.validate(model, datamodule=datamodule, verbose=False)
