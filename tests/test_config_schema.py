@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers import compose_config
 from tailtune.cli import schema
 from tailtune.cli.config import ConfigError, check_config
 
@@ -121,6 +122,20 @@ def test_a_class_of_your_own_is_checked_on_the_keys_it_shares():
     cfg = OmegaConf.create({"task_name": "train", "seed": 1, "model": {
         "_target_": "mine.MyModule", "lr": -1.0, "my_own_key": 3}})
     assert schema.config_problems(cfg, "train") == ["model.lr must be > 0, got -1.0"]
+
+
+def test_settings_for_an_option_that_builds_nothing_are_refused(tmp_path):
+    """transforms=none +transforms.erasing=0.5 ended in "'DictConfig' object is not callable"
+    and a traceback."""
+    cfg, _ = compose_config("train", ["transforms=none", "+transforms.erasing=0.5"],
+                            tmp_path / "run")
+    assert schema.config_problems(cfg, "train") == [
+        "transforms: transforms.erasing set, but the chosen transforms option builds nothing "
+        "to take it; choose an option that does (configs/transforms/)"]
+    cfg, _ = compose_config("train", ["transforms=flip", "+transforms.erasing=1.5"],
+                            tmp_path / "run")
+    assert schema.config_problems(cfg, "train") == ["transforms.erasing must be in [0, 1], "
+                                                    "got 1.5"]
 
 
 def test_unknown_key_in_a_closed_node_names_the_closest(tmp_path):

@@ -116,12 +116,13 @@ def test_eval_ends_with_the_test_table_of_its_own_metrics(smoke_run, tmp_path):
     assert "val" not in metrics
     # What is scored, first: the best epoch counted from 1, as the training run's lines count.
     best = run_dir / "checkpoints" / "best.ckpt"
-    epoch = torch.load(best, map_location="cpu", weights_only=False)["epoch"] + 1
+    saved = torch.load(best, map_location="cpu", weights_only=False)
+    epoch, step = saved["epoch"] + 1, saved["global_step"]
     assert f"epoch {epoch}/2: " in (run_dir / "train.log").read_text()
     confusion = (eval_dir / "test_confusion.csv").read_text().splitlines()[1:]
     n = sum(int(v) for row in confusion for v in row.split(",")[1:])
-    assert result.stderr.startswith(f"scoring {best} (FineTuneModule, after epoch {epoch}) on "
-                                    f"the test split of digits: {n} images")
+    assert result.stderr.startswith(f"scoring {best} (FineTuneModule, saved in epoch {epoch} "
+                                    f"at step {step}) on the test split of digits: {n} images")
     _assert_results_table(result.stdout, metrics, eval_dir)
 
 
@@ -193,8 +194,13 @@ def test_the_config_header_names_what_was_chosen_and_full_prints_the_tree(smoke_
     cfg, choices = smoke_cfg(*overrides)
     lines = config_summary(cfg, choices, overrides, tmp_path / "config.yaml")
     assert lines[0].startswith("config: data=digits_lt ") and " combiner=mean_prob " in lines[0]
+    # Members bring their own backbones; the member options the ensemble config places
+    # (model@model.member_models.*) are no choice of the user's.
+    assert "backbone=" not in lines[0] and "@" not in lines[0]
     assert lines[1:] == ["set: +data.root=/data/x seed=3",
                          f"resolved config: {tmp_path / 'config.yaml'}"]
+    cfg, choices = smoke_cfg("model=decoupled")  # its features come from model.init_from
+    assert "backbone=" not in config_summary(cfg, choices, [], tmp_path / "c.yaml")[0]
     cfg, choices = smoke_cfg("print_config=full")
     tree, *lines = config_summary(cfg, choices, ["print_config=full"], tmp_path / "c.yaml")
     assert isinstance(tree, Tree)

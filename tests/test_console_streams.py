@@ -164,3 +164,21 @@ def test_live_displays_need_a_terminal_and_a_process_of_their_own(monkeypatch):
     monkeypatch.setattr(rich.console.Console, "is_terminal", property(lambda self: False))
     monkeypatch.setattr(multiprocessing, "parent_process", lambda: None)
     assert not console.draws_live()
+
+
+def test_an_epoch_resumed_midway_is_timed_from_the_resume(caplog):
+    """Lightning resumes an interrupted epoch without on_train_epoch_start: its line gave the
+    machine's uptime as the epoch's time."""
+    from types import SimpleNamespace
+
+    from tailtune.callbacks import EpochLog
+
+    trainer = SimpleNamespace(is_global_zero=True, current_epoch=1, max_epochs=4,
+                              sanity_checking=False, progress_bar_metrics={"train/loss": 0.5})
+    log = EpochLog()
+    with caplog.at_level(logging.INFO, logger="tailtune"):
+        log.on_train_start(trainer, None)
+        log.on_train_epoch_end(trainer, None)
+    (line,) = caplog.messages
+    assert line.startswith("epoch 2/4: train/loss 0.5000 (")
+    assert float(line.split("(")[1].split()[0]) < 5  # seconds

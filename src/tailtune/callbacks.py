@@ -297,11 +297,19 @@ class EpochLog(L.Callback):
     """One log line per training epoch, after its validation: the metrics a progress bar
     shows, and the epoch's time. The run's ``train.log`` keeps them, and they are all a cluster
     job's log file shows of its progress. Validation metrics only for an epoch that validated
-    (``check_val_every_n_epoch``): the bar would show the last ones again."""
+    (``check_val_every_n_epoch``): the bar would show the last ones again.
+
+    :func:`tailtune.build.trainer.build_trainer` adds one to every trainer: it changes no
+    number, so it is no config key (a new key would make runs made before it another
+    config to ``resume=auto`` and tailtune-compare)."""
 
     def __init__(self) -> None:
         self._started = 0.0
         self._validated = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run resumed mid-epoch continues that epoch without on_train_epoch_start.
+        self._started = time.monotonic()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.monotonic()

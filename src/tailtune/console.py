@@ -147,7 +147,10 @@ class ConsoleHandler(logging.Handler):
                 self._shown.add(text)
             style = self.STYLES[min(record.levelno, logging.ERROR)] \
                 if record.levelno >= logging.WARNING else ""
-            CONSOLE.print(Text(marked(text), style=style), soft_wrap=True)
+            # A warning prints once per process, whichever job raised it first: unmarked, so
+            # it does not read as that job's alone (each job's log file has its own).
+            shown = text if record.levelno >= logging.WARNING else marked(text)
+            CONSOLE.print(Text(shown, style=style), soft_wrap=True)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 

@@ -184,12 +184,18 @@ def config_tree(cfg: DictConfig) -> Any:
 
 
 def _is_group_choice(group: str, choices: dict[str, Any], cfg: DictConfig) -> bool:
-    """A group worth a word in the run's header: chosen, and not Hydra's own, the per-user
-    settings, or a ``default`` option (paths, callbacks) that no one swaps to compare."""
+    """A group worth a word in the run's header: chosen, read by this run's model, and not
+    Hydra's own, the per-user settings, a ``default`` option (paths, callbacks) that no one
+    swaps to compare, or an option a config file places inside another (``model@...``)."""
     if choices.get(group) in (None, "default") or group in ("hydra", "local") or \
-            group.startswith(("hydra/", "local/")):
+            group.startswith(("hydra/", "local/")) or "@" in group:
         return False
-    return group != "combiner" or model_class(cfg).is_ensemble  # read by ensembles only
+    if group == "combiner":  # read by ensembles only
+        return model_class(cfg).is_ensemble
+    if group == "backbone":  # ensemble members and decoupled models bring their own
+        model = model_class(cfg)
+        return not (model.is_ensemble or model.builds_on_checkpoint)
+    return True
 
 
 def config_summary(cfg: DictConfig, choices: dict[str, Any], overrides: list[str],

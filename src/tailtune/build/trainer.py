@@ -17,6 +17,7 @@ from tailtune.allocator import keep_freed_memory
 from tailtune.build.config import option_exists, plain_config
 from tailtune.callbacks import (
     CheckpointConfig,
+    EpochLog,
     EpochReseed,
     PreemptionCheckpoint,
     SamplerEpoch,
@@ -100,6 +101,7 @@ def training_callbacks(cfg: DictConfig, datamodule: Any) -> list[L.Callback]:
         CheckpointConfig(plain_config(cfg)),
         PreemptionCheckpoint(Path(cfg.paths.output_dir) / "checkpoints" / INTERRUPTED_CHECKPOINT,
                              cfg.get("requeue_signal")),
+        EpochLog(),
     ]
 
 

@@ -45,11 +45,14 @@ def evaluate(cfg: DictConfig) -> dict:
         datamodule = data.build_datamodule(run_cfg)
         checkpoints.check_same_split(checkpoints.dataset_info(checkpoint), datamodule.info)
         model = models.model_from_checkpoint(checkpoint)
-        epoch = checkpoint.get("epoch")  # 0-based; the epoch lines count from 1
+        # Saved in epoch N (counted from 1, as the epoch lines count): at its end, or during
+        # it (interrupted.ckpt, a mid-epoch validation); the step tells them apart.
+        epoch, step = checkpoint.get("epoch"), checkpoint.get("global_step")
+        saved = "" if epoch is None else f", saved in epoch {epoch + 1} at step {step}"
         logging.getLogger("tailtune").info(
             "scoring %s (%s%s) on the %s split of %s: %d images", cfg.ckpt_path,
-            type(model).__name__, "" if epoch is None else f", after epoch {epoch + 1}",
-            cfg.split, datamodule.info.name, len(datamodule.datasets[cfg.split]))
+            type(model).__name__, saved, cfg.split, datamodule.info.name,
+            len(datamodule.datasets[cfg.split]))
         tester = trainer.build_trainer(cfg, run_dir, whole_splits=True)  # reported: whole
         if cfg.split == "val":
             tester.validate(model, datamodule=datamodule, verbose=False)

@@ -636,7 +636,13 @@ def config_problems(cfg: DictConfig, entry: str) -> list[str]:
             problems.extend(_check_class_node(node, tables, group))
     for group, table in (*CLOSED.items(), *OPEN_GROUPS.items()):
         node = cfg.get(group)
-        if isinstance(node, DictConfig):
+        if group in OPEN_GROUPS and isinstance(node, DictConfig) and len(node) \
+                and "_target_" not in node:
+            # transforms=none +transforms.erasing=0.5: settings with no class to take them
+            problems.append(f"{group}: {', '.join(f'{group}.{k}' for k in node)} set, but the "
+                            f"chosen {group} option builds nothing to take it; choose an option "
+                            f"that does (configs/{group}/)")
+        elif isinstance(node, DictConfig):
             problems.extend(_check_node(node, table, group, closed=group in CLOSED,
                                         owner=_class_name(node)))
     return problems
