@@ -266,9 +266,8 @@ class PreemptionCheckpoint(L.Callback):
 class ProgressBar(RichProgressBar):
     """Lightning's rich progress bar on stderr, on tailtune's console (so log lines print above
     it), without ``v_num`` (the logger's version: a sweep's job name, shown cut off). Off where
-    stderr is neither a terminal nor a notebook (a cluster job's log file, a sweep job's
-    redirected output): a file gets only a bar's last frame; :class:`EpochLog`'s lines say
-    how far the run is.
+    no live display can be seen (:func:`tailtune.console.draws_live`: a cluster job's log
+    file, a joblib sweep's job); :class:`EpochLog`'s lines say how far the run is.
 
     :func:`tailtune.build.trainer.build_trainer` adds one to any trainer whose config names no
     progress bar: Lightning's default bar would draw on stdout, with the results."""
@@ -299,9 +298,9 @@ class EpochLog(L.Callback):
     job's log file shows of its progress. Validation metrics only for an epoch that validated
     (``check_val_every_n_epoch``): the bar would show the last ones again.
 
-    :func:`tailtune.build.trainer.build_trainer` adds one to every trainer: it changes no
-    number, so it is no config key (a new key would make runs made before it another
-    config to ``resume=auto`` and tailtune-compare)."""
+    :func:`tailtune.build.trainer.training_callbacks` adds one to every training run: it
+    changes no number, so it is no config key (a new key would make runs made before it
+    another config to ``resume=auto`` and tailtune-compare)."""
 
     def __init__(self) -> None:
         self._started = 0.0
