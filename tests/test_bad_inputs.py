@@ -601,6 +601,30 @@ def test_resuming_a_killed_run_with_other_overrides_is_refused_naming_its_own(cl
     assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "config.yaml"]
 
 
+def test_a_run_from_before_a_new_config_key_is_not_resumed_but_shown_a_way_on(cli, tmp_path):
+    """Its own overrides cannot make the configs agree (the key is new): the message pointed
+    at exactly the command that had failed. It says what is new and how to go on."""
+    import yaml
+
+    from tailtune.build.config import config_yaml
+
+    run_dir = tmp_path / "old"
+    started = ["debug=smoke", f"paths.log_dir={tmp_path / 'logs'}"]
+    cfg, _ = compose_config("train", started, run_dir)
+    stored = yaml.safe_load(config_yaml(cfg))
+    del stored["correct_prior_for_sampler"]  # a key tailtune gained after this run started
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(stored))
+    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in started))
+    code, err = cli(f"hydra.run.dir={run_dir}", "resume=auto", "threads=1")
+    assert_one_readable_error(
+        code, err, "holds an unfinished run whose config lacks keys this one has, added to "
+        "tailtune or a config file since it started (correct_prior_for_sampler: (not set) -> "
+        "True), so it cannot resume in place")
+    assert f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'} and another hydra.run.dir" in err
+    assert "Resume it with the overrides it was started with" not in err
+
+
 def test_config_changes_ignore_how_a_run_runs_and_its_own_dir(tmp_path):
     from tailtune.run_record import config_changes
 

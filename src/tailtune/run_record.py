@@ -167,6 +167,19 @@ def refuse_other_config(run_dir: Path, config_text: str, finished: bool = False)
 
     shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4
                                       else "")
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if all(" (not set) -> " in change for change in changes):
+        # Keys the run's config lacks: tailtune or a config file gained them after it started.
+        # Whether their values keep its behaviour is not known here: no resume, and a way on.
+        gained = ("config lacks keys this one has, added to tailtune or a config file since "
+                  f"it started ({shown})")
+        if finished:
+            raise FileExistsError(f"{run_dir} holds a finished run whose {gained}: its result "
+                                  "may not be this config's; choose another hydra.run.dir")
+        raise ValueError(f"{run_dir} holds an unfinished run whose {gained}, so it cannot "
+                         "resume in place; if those values keep its behaviour, go on from its "
+                         f"state in another dir: the same command with ckpt_path={last} and "
+                         "another hydra.run.dir")
     if finished:
         raise FileExistsError(f"{run_dir} holds a finished run of another config ({shown}): "
                               "its result is not this config's; choose another hydra.run.dir")
@@ -180,7 +193,7 @@ def refuse_other_config(run_dir: Path, config_text: str, finished: bool = False)
         f"{run_dir} holds an unfinished run of another config ({shown}). Resume it with the "
         f"overrides it was started with: tailtune-train {' '.join([*kept, ''])}"
         f"hydra.run.dir={shlex.quote(str(run_dir))} resume=auto; or start a new run in another "
-        f"dir from its weights (ckpt_path={run_dir}/checkpoints/last.ckpt)")
+        f"dir from its weights (ckpt_path={last})")
 
 
 def selection_value(metrics: dict[str, Any], name: str) -> float:
