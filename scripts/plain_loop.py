@@ -101,7 +101,7 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("overrides", nargs="*", help="tailtune config overrides (data, backbone)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=3e-3, help="best of 3e-4, 1e-3, 3e-3 here")

@@ -133,6 +133,11 @@ def folder_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
                      "balanced_softmax, ce, class_balanced, focal,", id="unknown-loss-option"),
         pytest.param(["model.lrr=1e-3"], "model.lrr is not a setting of FineTuneModule; "
                      "did you mean model.lr?", id="typo-in-key"),
+        # Trainer takes it; the trainer config just does not list it ("not a setting of
+        # Trainer" said otherwise).
+        pytest.param(["trainer.gradient_clip_val=1"], "trainer.gradient_clip_val is not in the "
+                     "trainer config; to pass a setting the config lacks to Trainer, use "
+                     "+trainer.gradient_clip_val=1", id="key-an-open-group-lacks"),
         # Lightning would start 4 processes that each re-run the script and fail.
         pytest.param(["trainer.devices=4"], "trainer.devices=4 with trainer.accelerator=cpu "
                      "needs a DDP strategy", id="4-devices-on-cpu"),
@@ -266,6 +271,35 @@ def test_cache_dir_without_write_permission_is_refused(cli, tmp_path):
     locked.mkdir(mode=0o500)
     code, err = cli(f"paths.cache_dir={locked}/cache")
     assert_one_readable_error(code, err, "no permission to write")
+
+
+def test_a_failed_runs_record_keeps_the_root_cause_and_the_start_of_its_message(tmp_path):
+    """status.json (and tailtune-compare, which lists it) kept the last 300 characters of the
+    wrapper's message: Hydra's three-line InstantiationException, or the end of a long error
+    with the start that says what went wrong cut off."""
+    from hydra.errors import InstantiationException
+
+    from tailtune.run_record import RunRecord
+
+    long = "could not download 'resnet18.a1_in1k' weights from the model hub: " + "x" * 400
+    for name, err in (("long", ValueError(long)), ("wrapped", None)):
+        record = RunRecord(tmp_path / name)
+        record.start({"entry": "train"})
+        if err is None:
+            try:
+                try:
+                    raise KeyError("unknown timm model 'nope'")
+                except KeyError as cause:
+                    raise InstantiationException("Error in call to target 'x':\nKeyError(...)"
+                                                 "\nfull_key: backbone") from cause
+            except InstantiationException as wrapper:
+                err = wrapper
+        record.fail(err)
+    long_error = json.loads((tmp_path / "long" / "status.json").read_text())["error"]
+    assert long_error.startswith("ValueError: could not download 'resnet18.a1_in1k' weights")
+    assert len(long_error) == len("ValueError: ") + 300 and long_error.endswith("…")
+    wrapped = json.loads((tmp_path / "wrapped" / "status.json").read_text())["error"]
+    assert wrapped == "KeyError: \"unknown timm model 'nope'\""
 
 
 def test_nan_loss_stops_the_run_naming_epoch_and_batch(cli, tmp_path, monkeypatch):

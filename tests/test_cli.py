@@ -94,8 +94,10 @@ def test_eval_refuses_a_checkpoint_of_another_split(smoke_cfg, tmp_path):
     other = tmp_path / "other.ckpt"
     torch.save(ckpt, other)
     eval_cfg, _ = compose_config("eval", [f"ckpt_path={other}", "debug=smoke"], tmp_path / "ev")
-    with pytest.raises(ValueError, match="data split of .* differs"):
+    with pytest.raises(ValueError, match="data split of .* differs") as err:
         evaluate(eval_cfg)
+    # What to do about a moved folder (renamed, its fingerprint changed): keep its name.
+    assert "a moved copy must keep its name" in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -443,3 +443,15 @@ def test_runs_at_different_thread_counts_are_named(tmp_path, capsys):
     _run(same, "1", ["loss=focal", "seed=1"], seed=1)
     compare_main([str(same), "--bootstrap", "50"])
     assert "thread counts" not in capsys.readouterr().out
+
+
+def test_an_unknown_sort_metric_is_refused_naming_the_valid_ones(sweep, capsys):
+    """--sort-by bal_accc sorted every row as a tie, under a title that named it."""
+    with pytest.raises(SystemExit) as exit_info:
+        compare_main([str(sweep), "--bootstrap", "100", "--sort-by", "bal_accc"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--sort-by bal_accc is not a test metric of these runs; did you mean bal_acc?" in err
+    assert "macro_f1" in err
+    compare_main([str(sweep), "--bootstrap", "100", "--sort-by", "macro_f1"])
+    assert "sorted by test macro_f1" in capsys.readouterr().out

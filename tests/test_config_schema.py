@@ -144,3 +144,11 @@ def test_unknown_key_in_a_closed_node_names_the_closest(tmp_path):
                             "device": "auto", "batchsize": 3})
     with pytest.raises(ConfigError, match="batchsize is not a setting; did you mean batch_size"):
         check_config(cfg, entry="predict")
+
+
+def test_list_descriptions_put_the_plural_on_the_noun():
+    """``model.checkpoints must be a list of non-emptys string``."""
+    assert schema.ListOf(schema.TEXT).describe() == "a list of non-empty strings"
+    assert schema.ListOf(schema.Float(0, 1)).describe() == "a list of finite numbers in [0, 1]"
+    assert schema.ListOf(schema.Int(0), min_len=1).describe() == \
+        "a list of at least 1 of integers >= 0"

@@ -183,8 +183,11 @@ def test_cifar_that_cannot_be_downloaded_is_one_readable_oserror(monkeypatch, tm
         raise RuntimeError("Dataset not found or corrupted. You can use download=True")
 
     monkeypatch.setattr("torchvision.datasets.CIFAR10", offline)
-    with pytest.raises(OSError, match="could not get CIFAR-10 into"):
-        CifarSource(10, data_dir=str(tmp_path), download=False).load()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError, match="could not get CIFAR-10 into") as err:
+        CifarSource(10, data_dir="data", download=False).load()
+    # Where, whatever dir the run started in (data_dir is relative by default).
+    assert f"into {tmp_path / 'data'} (" in str(err.value)
 
 
 def test_cifar_configs_compose_to_the_documented_construction(tmp_path):
@@ -663,3 +666,18 @@ def test_random_erasing_blacks_out_one_rectangle_of_the_expected_size():
     assert torch.equal(flip_crop(32, padding=0, hflip=0.0, erasing=0.0)(image), image)
     with pytest.raises(ValueError, match=r"transforms.erasing must be a probability"):
         randaugment(32, erasing=1.5)
+
+
+def test_the_summary_says_subsampled_only_when_images_were_left_out():
+    """A folder smaller than debug=smoke's 64 images per split was reported subsampled."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (120, 16, 16, 3), dtype=np.uint8)
+    notes = {}
+    for subsample in (None, 500, 20):
+        dm = ImbalancedDataModule(ArraySource(images, np.arange(120) % 3), image_size=16,
+                                  imbalance_ratio=1, subsample=subsample)
+        dm.setup()
+        notes[subsample] = dm.summary_notes()
+    note = "subsampled to about 20 images per split (subsample)"
+    assert note in notes[20]
+    assert not [n for n in notes[None] + notes[500] if n.startswith("subsampled")]

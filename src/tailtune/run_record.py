@@ -300,8 +300,13 @@ class RunRecord:
         write_json(self.run_dir / "status.json", data)
 
     def fail(self, err: BaseException) -> None:
-        """Mark the run failed with the error's type and the end of its message."""
-        message = str(err).strip()[-300:] or (
+        """Mark the run failed with the error's type and message, on one line and cut at 300
+        characters: the root cause's, not the wrapper's (Hydra's InstantiationException puts
+        the real error in the middle of three lines), and its start (where it says what)."""
+        while err.__cause__ is not None and type(err).__name__ == "InstantiationException":
+            err = err.__cause__
+        text = " ".join(str(err).split())
+        message = (text[:299] + "…" if len(text) > 300 else text) or (
             "stopped by SIGTERM" if type(err).__name__ == "SIGTERMException" else "")
         try:
             self.set_status("failed", f"{type(err).__name__}: {message}".rstrip(": "))

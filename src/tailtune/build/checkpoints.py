@@ -78,4 +78,6 @@ def check_same_split(reference: DatasetInfo, other: DatasetInfo,
         raise ValueError(
             f"the data split of {other_name} differs from that of {reference_name} "
             f"(fingerprint {other.split_fingerprint} vs {reference.split_fingerprint}): the "
-            "test images of one may be training images of the other")
+            "test images of one may be training images of the other (an image folder's "
+            "fingerprint holds its folder's name and its files' relative paths: a moved copy "
+            "must keep its name)")

@@ -26,8 +26,16 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
         raise FileNotFoundError(f"no runs found under {', '.join(map(str, sweep_dirs))}")
     apart = tell_configs_apart(runs)  # across the dirs too
     runs, repeats = drop_repeats(runs)
-    summaries = sorted(agg.summarize(runs, n_boot=n_boot, baseline=baseline),
-                       key=lambda s: -s.mean.get(sort_by, float("-inf")))
+    summaries = agg.summarize(runs, n_boot=n_boot, baseline=baseline)
+    known = sorted({key for s in summaries for key in s.mean})
+    if known and sort_by not in known:  # every row would tie, under a title naming it
+        import difflib
+
+        close = difflib.get_close_matches(sort_by, known, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ValueError(f"--sort-by {sort_by} is not a test metric of these runs; {hint}"
+                         f"valid: {', '.join(known)}")
+    summaries.sort(key=lambda s: -s.mean.get(sort_by, float("-inf")))
     common = agg.strip_common_overrides(summaries)
     unfinished = [r for r in runs if r.status != "done"]
     out = Path(out_dir or sweep_dirs[0])
@@ -45,7 +53,7 @@ def compare(sweep_dirs: list[Path], sort_by: str = "bal_acc", out_dir: Path | No
         console.print(f"left out to fit {console.width} columns (in comparison.md and .csv): "
                       + ", ".join(left_out), soft_wrap=True, highlight=False)
     if (pick := agg.pick_sentence(summaries)):
-        console.print(escape(pick))
+        console.print(escape(pick), soft_wrap=True)
     for run in unfinished:
         reason = f": {run.error}" if run.error else ""
         console.print(f"[yellow]{run.status}[/] " + escape(f"{run.path}{reason}"))

@@ -560,10 +560,15 @@ def _override_error(err: BaseException) -> str | None:
     if closed is not None:
         return schema.not_a_setting(full_key, [*known, *closed], schema.owner(path, parent))
     added = re.search(r"use (\+\S+)", str(err))
-    message = schema.not_a_setting(full_key, known, schema.owner(path, parent))
+    owner = schema.owner(path, parent)
+    # An open group's class takes more than its YAML lists (Trainer's gradient_clip_val): the
+    # key is not in the config, which is not to say its class refuses it.
+    message = schema.not_a_setting(full_key, known).replace(
+        " is not a setting", f" is not in the {path} config" if path else " is not in the config")
     message = message.replace("; check its spelling, or remove it", "")
     append = added.group(1) if added else f"+{full_key}=..."
-    return f"{message}; to pass a new setting to its class, use {append}"
+    tail = f"to pass a setting the config lacks to {owner or 'its class'}, use {append}"
+    return f"{message} Or, {tail}" if message.endswith("?") else f"{message}; {tail}"
 
 
 def _unknown_option_error(err: BaseException) -> str | None:

@@ -219,11 +219,18 @@ class ListOf(Spec):
         return f"a list{size} of {_plural(self.item.describe())}"
 
 
+_NOUNS = ("string", "number", "integer")
+
+
 def _plural(text: str) -> str:
+    """``a non-empty string`` -> ``non-empty strings``: the noun takes the s, not the
+    adjective before it (``finite number >= 0`` -> ``finite numbers >= 0``)."""
     for article in ("an ", "a "):
         if text.startswith(article):
-            word, _, rest = text[len(article):].partition(" ")
-            return f"{word}s {rest}".strip()
+            words = text[len(article):].split(" ")
+            at = next((i for i, w in enumerate(words) if w in _NOUNS), 0)
+            words[at] += "s"
+            return " ".join(words)
     return text
 
 

@@ -60,7 +60,7 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None,
                                   "to skip it, or choose another hydra.run.dir")
         # Its result is this config's only if it ran this config.
         refuse_other_config(run_dir, config_yaml(cfg), finished=True)
-        console.print(output.marked(f"[yellow]skipping finished run[/] {run_dir}"))
+        console.print(output.marked(f"[yellow]skipping finished run[/] {run_dir}"), soft_wrap=True)
         return selection_value(done, cfg.optimized_metric)
 
     refuse_other_config(run_dir, config_yaml(cfg))

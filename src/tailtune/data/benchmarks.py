@@ -7,6 +7,7 @@ split long-tailed (the standard CIFAR-LT construction) and keeps the test set ba
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,8 @@ def _with_test(name: str, train: tuple[np.ndarray, np.ndarray],
 
 def _download_error(what: str, data_dir: str, err: Exception) -> OSError:
     return OSError(
-        f"could not get {what} into {data_dir} ({type(err).__name__}: {err}); offline? Put "
+        f"could not get {what} into {os.path.abspath(data_dir)} ({type(err).__name__}: {err}); "
+        "offline? Put "
         f"torchvision's copy there, or set data.source.data_dir to where it is"
     )
 

@@ -218,6 +218,7 @@ class ImbalancedDataModule(L.LightningDataModule):
         self.resize = resize
         self.cache_dir = cache_dir
         self.subsample = subsample
+        self.subsampled = False
         self.split_indices: dict[str, np.ndarray] = {}
         self.datasets: dict[str, ArrayImageDataset | FileImageDataset] = {}
         self.train_sampler: Sampler[int] | None = None
@@ -238,10 +239,12 @@ class ImbalancedDataModule(L.LightningDataModule):
             self.split_indices["train"], labels, num_classes, self.imbalance_ratio,
             self.imbalance_profile, seed=self.split_seed,
         )
+        self.subsampled = False  # whether `subsample` left any image out (the summary says)
         if self.subsample:  # quick checks (debug=smoke): every phase sees a few images
-            self.split_indices = {
-                split: stratified_subsample(idx, labels, self.subsample, self.split_seed)
-                for split, idx in self.split_indices.items()}
+            kept = {split: stratified_subsample(idx, labels, self.subsample, self.split_seed)
+                    for split, idx in self.split_indices.items()}
+            self.subsampled = any(len(kept[s]) < len(self.split_indices[s]) for s in kept)
+            self.split_indices = kept
         counts = np.bincount(labels[self.split_indices["train"]], minlength=num_classes)
         empty = [data.class_names[c] for c in np.flatnonzero(counts == 0)]
         if empty:
@@ -387,7 +390,7 @@ class ImbalancedDataModule(L.LightningDataModule):
     def summary_notes(self) -> list[str]:
         """How the images are held, and what was subsampled or skipped."""
         notes = [f"images {self.decoded} at {self.image_size} px"]
-        if self.subsample:
+        if self.subsampled:
             notes.append(f"subsampled to about {self.subsample} images per split (subsample)")
         return notes + [f"skipped {len(files)} file(s): {why}"
                         for why, files in self.skipped.items()]
