@@ -196,6 +196,13 @@ def refuse_other_config(run_dir: Path, config_text: str, finished: bool = False)
         f"dir from its weights (ckpt_path={last})")
 
 
+def root_cause(err: BaseException) -> BaseException:
+    """The error Hydra's InstantiationException wraps (e.g. a BackboneError), else ``err``."""
+    while err.__cause__ is not None and type(err).__name__ == "InstantiationException":
+        err = err.__cause__
+    return err
+
+
 def selection_value(metrics: dict[str, Any], name: str) -> float:
     """The value a run is chosen by: ``val/bal_acc`` -> ``metrics["val"]["bal_acc"]``, or its
     out-of-fold version where the run tuned post-hoc steps on val (``bal_acc_out_of_fold``):
@@ -303,8 +310,7 @@ class RunRecord:
         """Mark the run failed with the error's type and message, on one line and cut at 300
         characters: the root cause's, not the wrapper's (Hydra's InstantiationException puts
         the real error in the middle of three lines), and its start (where it says what)."""
-        while err.__cause__ is not None and type(err).__name__ == "InstantiationException":
-            err = err.__cause__
+        err = root_cause(err)
         text = " ".join(str(err).split())
         message = (text[:299] + "…" if len(text) > 300 else text) or (
             "stopped by SIGTERM" if type(err).__name__ == "SIGTERMException" else "")

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 # CONFIG_PATH: the entry points' config_path, re-exported for them.
 from tailtune.build.config import CONFIG_PATH, config_dirs  # noqa: F401
 from tailtune.report.runs import job_dir_hash
+from tailtune.run_record import root_cause
 
 T = TypeVar("T")
 
@@ -455,16 +456,9 @@ def _sweep_job_problems(config: DictConfig, jobs: list[tuple[str, list[str]]],
             for problem, names in named.items()]
 
 
-def _root_cause(err: BaseException) -> BaseException:
-    """Hydra's InstantiationException wraps the real error (e.g. a BackboneError)."""
-    while err.__cause__ is not None and isinstance(err, InstantiationException):
-        err = err.__cause__
-    return err
-
-
 def _one_line(err: BaseException) -> str:
     """The root cause's message."""
-    err = _root_cause(err)
+    err = root_cause(err)
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0] if type(err).__name__ == "InstantiationException" else text
 
@@ -500,7 +494,7 @@ def readable_errors(fn: Callable[..., T]) -> Callable[..., T]:
                     InstantiationException) as err:
                 if os.environ.get("TAILTUNE_DEBUG") == "1":
                     raise
-                if isinstance(_root_cause(err), RuntimeError):
+                if isinstance(root_cause(err), RuntimeError):
                     raise  # a real bug: keep the traceback
                 print(marked(f"tailtune: error: {_one_line(err)}"), file=sys.stderr)
                 print(marked("(set TAILTUNE_DEBUG=1 to see the traceback)"), file=sys.stderr)
