@@ -463,15 +463,21 @@ def _one_line(err: BaseException) -> str:
     return text.splitlines()[0] if type(err).__name__ == "InstantiationException" else text
 
 
-def sweep_job_mark() -> str:
-    """``"#3 "`` in job 3 of a sweep (Hydra's number, as its launch line names the
-    job), else ``""``: what marks this job's console lines (tailtune.console.job_mark)."""
+def _sweep_job() -> DictConfig | None:
+    """Hydra's config of this job when it is one job of a multirun, else None."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return ""
-    return f"#{HydraConfig.get().job.num} "
+        return None
+    return HydraConfig.get()
+
+
+def sweep_job_mark() -> str:
+    """``"#3 "`` in job 3 of a sweep (Hydra's number, as its launch line names the
+    job), else ``""``: what marks this job's console lines (tailtune.console.job_mark)."""
+    job = _sweep_job()
+    return "" if job is None else f"#{job.job.num} "
 
 
 def readable_errors(fn: Callable[..., T]) -> Callable[..., T]:
@@ -655,11 +661,9 @@ def resume_override(run_dir: str | Path) -> str:
     """The override that points the same command at a stopped run's dir: ``hydra.run.dir``;
     in a multirun, which ignores that, ``hydra.sweep.dir``: rerun with ``resume=auto``, the
     sweep finds its jobs' dirs again, skips the finished ones and resumes the others."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return f"hydra.sweep.dir={Path(str(HydraConfig.get().sweep.dir)).absolute()}"
+    job = _sweep_job()
+    if job is not None:
+        return f"hydra.sweep.dir={Path(str(job.sweep.dir)).absolute()}"
     return f"hydra.run.dir={run_dir}"
 
 
@@ -671,14 +675,10 @@ def ddp_relaunch_as_single_run(output_dir: str) -> None:
     (``-m`` and comma lists) and ``run.dir`` is not the job's dir. Rewrite both to the job's
     own overrides and dir, so every rank composes the same single-run config.
     """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
     from omegaconf import open_dict, read_write
 
-    if not HydraConfig.initialized():
-        return
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
+    hydra_cfg = _sweep_job()
+    if hydra_cfg is None:
         return
     sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
     with read_write(hydra_cfg), open_dict(hydra_cfg):
